@@ -1,0 +1,1 @@
+"""Inference engines: sliding window (Gaussian blending) and whole-volume."""
