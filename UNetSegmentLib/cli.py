@@ -15,6 +15,10 @@ from .errors import UNetSegmentError
 # subcommand -> (module in UNetSegmentLib.commands, one-line help)
 COMMANDS = {
     "models": ("models", "List registered architectures and available checkpoints."),
+    "train": ("train", "Train a model on a Decathlon / nnU-Net dataset folder into a checkpoint."),
+    "segment": ("segment", "Segment an image file, DICOM folder or folder of images with a checkpoint."),
+    "evaluate": ("evaluate", "Dice and HD95 per label of predictions vs references, written to a CSV."),
+    "demo": ("demo", "Segment the shipped sample with the default model; report Dice and time."),
 }
 
 

@@ -18,4 +18,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {spec.name:<16} {spec.description}{ds}")
         if args.verbose:
             print(f"  {'':<16} paper: {spec.paper}")
+    print_checkpoints(args.verbose)
     return 0
+
+
+def print_checkpoints(verbose: bool = False) -> None:
+    """Shipped and user checkpoints; reading their metadata needs torch, so say so if it is missing."""
+    from ..model_store import list_models, shipped_models_dir, user_models_dir
+
+    print("Checkpoints:")
+    try:
+        entries = list_models()
+    except ImportError as error:
+        print(f"  (cannot read checkpoints: {error}; install PyTorch)")
+        return
+    if not entries:
+        print(f"  none in {shipped_models_dir()} or {user_models_dir()}")
+    for entry in entries:
+        if entry.metadata is None:
+            print(f"  {entry.name:<16} [{entry.source}] INVALID: {entry.error}")
+            continue
+        meta = entry.metadata
+        labels = ", ".join(label.name for label in meta.labels[1:])
+        dice = ", ".join(f"{name} {score:.3f}" for name, score in meta.validation_dice.items())
+        print(f"  {entry.name:<16} [{entry.source}] {meta.architecture} ({meta.sampler}), {meta.modality}, "
+              f"labels: {labels}" + (f"; validation Dice: {dice}" if dice else ""))
+        if verbose:
+            print(f"  {'':<16} {entry.path}")

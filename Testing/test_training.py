@@ -1,0 +1,107 @@
+"""End-to-end training on a tiny phantom: checkpoint reloads and predicts; overwrite and cancel are safe."""
+
+import pytest
+import torch
+
+from UNetSegmentLib import phantom
+from UNetSegmentLib.checkpoint import load_checkpoint
+from UNetSegmentLib.errors import Cancelled, CheckpointError, InputError
+from UNetSegmentLib.progress import CancelToken
+from UNetSegmentLib.training import TrainingConfig, split_folds, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    phantom.write_dataset(str(folder), cases=3, seed=11, spacing=(5.0, 5.0, 6.0))
+    return folder
+
+
+def tiny_config(dataset, output, **changes):
+    options = dict(dataset_dir=str(dataset), output=str(output), architecture="unet",
+                   architecture_kwargs={"features": 4, "levels": 3}, patch_size=(8, 16, 16), batch_size=2,
+                   epochs=1, iterations_per_epoch=3, folds=3, fold=0, seed=0, device="cpu")
+    options.update(changes)
+    return TrainingConfig(**options)
+
+
+def test_one_epoch_writes_a_checkpoint_that_reloads_and_predicts(dataset, tmp_path):
+    output = tmp_path / "model.pt"
+    reports = []
+    result = train(tiny_config(dataset, output), progress=reports.append)
+    assert output.is_file()
+    assert [r.done for r in reports if r.stage == "training"] == [1, 2, 3]
+    loaded = load_checkpoint(str(output), "cpu")
+    metadata = loaded.metadata
+    assert [label.name for label in metadata.labels] == ["background", "liver", "spleen", "kidney"]
+    assert metadata.labels[1].color == pytest.approx((221 / 255, 130 / 255, 101 / 255))
+    assert metadata.modality == "CT" and metadata.normalization.scheme == "ct"
+    assert metadata.target_spacing == pytest.approx([5.0, 5.0, 6.0])
+    assert metadata.patch_size == [8, 16, 16]
+    assert metadata.training["fold"] == 0 and metadata.training["training_cases"] == 2
+    assert set(metadata.validation_dice) == {"liver", "spleen", "kidney"}
+    assert all(0.0 <= d <= 1.0 for d in result.validation_dice.values())
+    # the reloaded weights are the trained ones and give the same logits
+    image = torch.randn(1, 1, 8, 16, 16)
+    loaded.network.eval()
+    with torch.no_grad():
+        logits = loaded.network(image)
+    assert logits.shape == (1, 4, 8, 16, 16) and torch.isfinite(logits).all()
+
+
+def test_existing_checkpoint_is_not_overwritten_without_asking(dataset, tmp_path):
+    output = tmp_path / "model.pt"
+    output.write_bytes(b"precious")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        train(tiny_config(dataset, output))
+    assert output.read_bytes() == b"precious"
+
+
+def test_cancel_stops_training_and_writes_nothing(dataset, tmp_path):
+    output = tmp_path / "model.pt"
+    cancel = CancelToken()
+    seen = []
+
+    def cancel_after_first_step(report):
+        seen.append(report.done)
+        cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        train(tiny_config(dataset, output, epochs=5), progress=cancel_after_first_step, cancel=cancel)
+    assert seen == [1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fold_split_is_seeded_and_partitions_the_cases():
+    folds = [split_folds(11, 5, fold, seed=3) for fold in range(5)]
+    validation = sorted(i for _, held_out in folds for i in held_out)
+    assert validation == list(range(11))
+    for training, held_out in folds:
+        assert not set(training) & set(held_out) and len(training) + len(held_out) == 11
+    assert split_folds(11, 5, 2, seed=3) == folds[2]
+    assert split_folds(11, 5, 2, seed=4) != folds[2]
+    with pytest.raises(InputError, match="folds"):
+        split_folds(3, 5, 0)
+    with pytest.raises(InputError, match="fold 5"):
+        split_folds(10, 5, 5)
+
+
+def test_bad_sampler_is_explained(dataset, tmp_path):
+    with pytest.raises(InputError, match="sampler"):
+        train(tiny_config(dataset, tmp_path / "m.pt", sampler="random"))
+
+
+def test_train_command(dataset, tmp_path, capsys):
+    import argparse
+
+    from UNetSegmentLib.commands import train as train_command
+
+    parser = argparse.ArgumentParser()
+    train_command.add_arguments(parser)
+    output = tmp_path / "cli.pt"
+    args = parser.parse_args([str(dataset), "--output", str(output), "--features", "4", "--levels", "3",
+                              "--patch-size", "8", "16", "16", "--epochs", "1", "--iterations", "2",
+                              "--folds", "3", "--device", "cpu", "--sampler", "uniform", "--quiet"])
+    assert train_command.run(args) == 0
+    assert output.is_file() and "validation Dice" in capsys.readouterr().out
+    assert load_checkpoint(str(output)).metadata.training["sampler"] == "uniform"

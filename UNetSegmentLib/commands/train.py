@@ -1,0 +1,107 @@
+"""`train`: train a segmentation model on a Decathlon / nnU-Net dataset folder and write a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from ..progress import CancelToken, Progress
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="dataset folder with imagesTr/, labelsTr/ and dataset.json")
+    parser.add_argument("--output", "-o", required=True, help="checkpoint to write (.pt)")
+    parser.add_argument("--architecture", default="unet", help="registered architecture (default unet; "
+                        "see `models`)")
+    parser.add_argument("--features", type=int, default=16, help="base width of the network (default 16)")
+    parser.add_argument("--levels", type=int, default=4, help="resolution levels (default 4)")
+    parser.add_argument("--architecture-kwargs", default="{}", metavar="JSON",
+                        help='further constructor arguments as JSON, e.g. \'{"norm": "batch"}\'')
+    parser.add_argument("--patch-size", type=int, nargs="+", default=[32, 64, 64], metavar="N",
+                        help="training patch in (z, y, x) voxels (default 32 64 64)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=50, help="epoch cap (default 50)")
+    parser.add_argument("--iterations", type=int, default=50, help="iterations per epoch (default 50)")
+    parser.add_argument("--fold", type=int, default=0, help="held-out fold (default 0)")
+    parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
+    parser.add_argument("--sampler", default="foreground", help="patch sampler: uniform or foreground (default)")
+    parser.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentation")
+    parser.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false")
+    parser.add_argument("--lr", type=float, default=3e-4, help="initial Adam learning rate (default 3e-4)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch log")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..errors import InputError
+    from ..training import TrainingConfig
+
+    try:
+        extra = json.loads(args.architecture_kwargs)
+    except ValueError as error:
+        raise InputError(f"--architecture-kwargs is not valid JSON ({error}).",
+                         'Quote it as a JSON object, e.g. \'{"norm": "batch"}\'.') from None
+    if not isinstance(extra, dict):
+        raise InputError("--architecture-kwargs must be a JSON object.", 'Use e.g. \'{"norm": "batch"}\'.')
+    architecture_kwargs = {"features": args.features, "levels": args.levels, **extra}
+    return TrainingConfig(
+        dataset_dir=args.dataset, output=args.output, architecture=args.architecture,
+        architecture_kwargs=architecture_kwargs, patch_size=tuple(args.patch_size), batch_size=args.batch_size,
+        epochs=args.epochs, iterations_per_epoch=args.iterations, fold=args.fold, folds=args.folds,
+        seed=args.seed, sampler=args.sampler, augment=args.augment, deep_supervision=args.deep_supervision,
+        device=args.device, lr=args.lr, overwrite=args.overwrite)
+
+
+class _ProgressBar:
+    """tqdm bar fed by `Progress` reports; one bar per stage (training, validation)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, report: Progress) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if report.stage != self.stage:
+            self.close()
+            self.stage = report.stage
+            self.bar = tqdm(total=report.total, desc=report.stage, unit="it", file=sys.stderr, leave=True)
+        self.bar.n = report.done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import train
+
+    config = config_from_args(args)
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cancel = CancelToken()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # Ctrl+C finishes the current step and writes nothing
+        previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+    bar = _ProgressBar(not args.quiet)
+    try:
+        result = train(config, progress=bar, cancel=cancel)
+    finally:
+        bar.close()
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    dice = ", ".join(f"{name} {score:.3f}" for name, score in result.validation_dice.items())
+    print(f"wrote {result.checkpoint}: {result.epochs} epochs in {result.seconds:.0f} s"
+          + (f"; validation Dice: {dice}" if dice else ""))
+    return 0

@@ -1,0 +1,207 @@
+"""Image in, labelmap out: the one function every front end (CLI, Slicer panel, tests) calls.
+
+validate -> canonical orientation -> resample to the model's spacing -> normalise -> inference ->
+class probabilities back onto the input grid -> argmax. The labelmap therefore lies exactly on the
+input's grid (size, origin, spacing, direction), whatever orientation or spacing the input had.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import preprocessing
+from .checkpoint import LoadedModel, load_checkpoint, resolve_device
+from .errors import InputError
+from .metadata import LabelInfo
+from .progress import CancelToken, ProgressCallback
+
+SAMPLERS = ("auto", "sliding_window", "whole", "topk")
+
+
+@dataclass
+class SegmentationResult:
+    labelmap: sitk.Image  # uint8, on the input grid
+    labels: list[LabelInfo]
+    probabilities: Optional[sitk.Image] = None  # float32 vector image (one component per label), input grid
+    uncertainty: Optional[sitk.Image] = None  # float32 entropy / log(labels): 0 certain .. 1 uniform, input grid
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+def _choose_sampler(sampler: str, model: LoadedModel) -> str:
+    if sampler not in SAMPLERS:
+        raise InputError(f"Unknown sampler '{sampler}'.", f"Choose one of: {', '.join(SAMPLERS)}.")
+    is_topk = model.metadata.sampler == "topk"
+    if sampler == "auto":
+        return "topk" if is_topk else "sliding_window"
+    if sampler == "topk" and not is_topk:
+        raise InputError(f"Sampler 'topk' needs a top-k model; {model.path.name} was trained for the sliding window.",
+                         "Use --sampler auto or sliding_window, or a model trained with the top-k sampler.")
+    if sampler == "whole" and is_topk:
+        raise InputError(f"{model.path.name} is a top-k model; it cannot run whole-volume.",
+                         "Use --sampler topk (default) or sliding_window (all windows).")
+    return sampler
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=0, keepdims=True)
+    exponential = np.exp(shifted)
+    return exponential / exponential.sum(axis=0, keepdims=True)
+
+
+def _as_numpy(value) -> Optional[np.ndarray]:
+    if value is None:
+        return None
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value)
+
+
+def _infer(model: LoadedModel, array: np.ndarray, sampler: str, overlap: float, k: Optional[int], device,
+           precision: str, mirror_axes: Sequence[int], memory_budget_mb: Optional[float], progress, cancel):
+    """Class probabilities (C, *spatial) and the engine's stats."""
+    import torch
+
+    image = torch.from_numpy(np.ascontiguousarray(array[None], dtype=np.float32))
+    if model.metadata.sampler == "topk":  # its network is a TopKSegmenter, whatever the sampler
+        from .topk.inference import topk_inference
+
+        topk_k = k if sampler == "topk" else 10 ** 9  # sliding window on a top-k model: every window
+        result = topk_inference(model.network, image, topk_k, progress=progress, cancel=cancel, device=device,
+                                return_probabilities=True)
+    else:
+        if k is not None:
+            raise InputError("--k only applies to the top-k sampler.", "Drop --k or use a top-k model.")
+        from .inference.sliding_window import InferenceOptions, sliding_window_inference
+
+        options = InferenceOptions(
+            patch_size=tuple(int(p) for p in model.metadata.patch_size), overlap=overlap,
+            mode="whole" if sampler == "whole" else "sliding", device=device, precision=precision,
+            mirror_axes=tuple(mirror_axes), memory_budget_mb=memory_budget_mb, output="probabilities",
+            return_probabilities=True)
+        result = sliding_window_inference(model.network, image, options, progress=progress, cancel=cancel)
+    probabilities = _as_numpy(result.probabilities)
+    if probabilities is None:
+        logits = _as_numpy(result.logits)
+        if logits is None:
+            raise InputError("The inference engine returned neither probabilities nor logits.",
+                             "Update UNetSegment; this is a bug.")
+        probabilities = _softmax(logits.astype(np.float32))
+    if probabilities.ndim == array.ndim + 2:  # a leading batch axis
+        probabilities = probabilities[0]
+    return probabilities.astype(np.float32, copy=False), dict(result.stats or {})
+
+
+def _infer_slices(model: LoadedModel, array: np.ndarray, infer_kwargs: dict):
+    """2D models: segment each axial slice (array axis 0) on its own and stack."""
+    probabilities, stats = [], {}
+    for index in range(array.shape[0]):
+        slice_probabilities, stats = _infer(model, array[index], **infer_kwargs)
+        probabilities.append(slice_probabilities)
+    return np.stack(probabilities, axis=1), dict(stats, slices=array.shape[0])
+
+
+def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Voxel-wise entropy / log(C): 0 where one label is certain, 1 where all are equally likely.
+
+    Computed from the final (input-grid) probabilities so every engine gives the same measure.
+    """
+    clipped = np.clip(probabilities, 1e-12, 1.0)
+    entropy = -(clipped * np.log(clipped)).sum(axis=0)
+    return np.clip(entropy / np.log(probabilities.shape[0]), 0.0, 1.0).astype(np.float32)
+
+
+def _on_grid(array: np.ndarray, grid: sitk.Image, is_vector: bool = False) -> sitk.Image:
+    image = sitk.GetImageFromArray(array, isVector=is_vector)
+    image.CopyInformation(grid)
+    return image
+
+
+def _back_to_input_order(image: sitk.Image, original: sitk.Image) -> sitk.Image:
+    """Undo the canonical reorientation: same physical voxels, the input's axis order (exact, nearest)."""
+    resampled = sitk.Resample(image, original, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
+                              image.GetPixelID())
+    resampled.CopyInformation(original)  # identical up to float rounding; make it bit-exact
+    return resampled
+
+
+def segment_image(image: sitk.Image, model: Union[LoadedModel, str, Path], *, sampler: str = "auto",
+                  overlap: float = 0.5, k: Optional[int] = None, device="auto", precision: str = "auto",
+                  mirror_axes: Sequence[int] = (), memory_budget_mb: Optional[float] = None,
+                  return_probabilities: bool = False, return_uncertainty: bool = False,
+                  progress: ProgressCallback | None = None, cancel: CancelToken | None = None
+                  ) -> SegmentationResult:
+    """Segment one volume with a checkpoint; the labelmap lies exactly on the input grid."""
+    started = time.perf_counter()
+    preprocessing.validate_image(image)
+    if not 0.0 <= float(overlap) < 1.0:
+        raise InputError(f"Overlap must be in [0, 1), got {overlap}.", "Use e.g. 0.5 (default) or 0.25 for speed.")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise InputError(f"k must be a positive integer, got {k!r}.", "Use e.g. --k 8.")
+    target_device = resolve_device(device)
+    if not isinstance(model, LoadedModel):
+        model = load_checkpoint(model, device=target_device)
+    metadata = model.metadata
+    chosen = _choose_sampler(sampler, model)
+    if metadata.in_channels != 1:
+        raise InputError(f"{model.path.name} expects {metadata.in_channels} image channels; one volume was given.",
+                         "Use a single-channel model.")
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+
+    timings = {}
+    step = time.perf_counter()
+    canonical = preprocessing.reorient_to_canonical(sitk.Cast(image, sitk.sitkFloat32))
+    resampled = preprocessing.resample_image(canonical, metadata.target_spacing)
+    array = preprocessing.normalize(sitk.GetArrayFromImage(resampled), metadata.normalization)
+    timings["preprocess_s"] = time.perf_counter() - step
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+
+    step = time.perf_counter()
+    infer_kwargs = dict(sampler=chosen, overlap=float(overlap), k=k, device=target_device, precision=precision,
+                        mirror_axes=mirror_axes, memory_budget_mb=memory_budget_mb, progress=progress,
+                        cancel=cancel)
+    if metadata.spatial_dims == 2:
+        probabilities, engine_stats = _infer_slices(model, array, infer_kwargs)
+    else:
+        probabilities, engine_stats = _infer(model, array, **infer_kwargs)
+    timings["inference_s"] = time.perf_counter() - step
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+
+    step = time.perf_counter()
+    on_canonical = preprocessing.resample_scores(probabilities, resampled, canonical)
+    del probabilities
+    labels_array = on_canonical.argmax(axis=0).astype(np.uint8)
+    labelmap = _back_to_input_order(_on_grid(labels_array, canonical), image)
+    probability_image = uncertainty_image = None
+    if return_uncertainty:
+        uncertainty_image = _back_to_input_order(_on_grid(normalised_entropy(on_canonical), canonical), image)
+    if return_probabilities:
+        vector = np.moveaxis(on_canonical, 0, -1).astype(np.float32)
+        probability_image = _back_to_input_order(_on_grid(vector, canonical, is_vector=True), image)
+    del on_canonical
+    timings["postprocess_s"] = time.perf_counter() - step
+
+    seconds = time.perf_counter() - started
+    stats = dict(engine_stats)
+    stats.update(timings, sampler=chosen, device=str(target_device), input_size=list(image.GetSize()),
+                 input_spacing=list(image.GetSpacing()), network_grid_size=list(resampled.GetSize()),
+                 target_spacing=list(metadata.target_spacing), model=str(model.path))
+    return SegmentationResult(labelmap=labelmap, labels=list(metadata.labels), probabilities=probability_image,
+                              uncertainty=uncertainty_image, seconds=seconds, stats=stats)
+
+
+def segment_file(input_path, model, **options) -> tuple[sitk.Image, SegmentationResult]:
+    """Read an image file (or DICOM folder) and segment it: (input image, result)."""
+    from .io import read_image
+
+    image = read_image(input_path)
+    return image, segment_image(image, model, **options)

@@ -1,0 +1,377 @@
+"""Training: dataset folder -> preprocessed cases -> patches -> network -> validated checkpoint.
+
+The recipe is nnU-Net's, scaled down: resample every case to the median spacing, normalise with
+the CT statistics of the training fold only (so validation stays honest), draw foreground-
+oversampled patches, augment, minimise Dice + cross-entropy (deep supervision when the network has
+heads) with Adam, cut the learning rate by 5 when the loss plateaus, stop at an epoch cap or when
+the learning rate has decayed away, validate on the held-out fold with the sliding-window engine,
+and write a checkpoint that carries everything inference needs.
+
+Dataset loading and preprocessing are plain functions (`load_training_cases`, `split_folds`,
+`normalize_fold`) so that other trainers (the top-k sampler's) can reuse them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from .errors import CheckpointError, DeviceError, InputError
+from .metadata import LabelInfo, ModelMetadata, Normalization
+from .progress import CancelToken, ProgressCallback, ProgressTracker
+
+log = logging.getLogger(__name__)
+
+# Slicer GenericAnatomyColors entries for common labels; other labels get a distinct fallback colour.
+ORGAN_COLORS = {
+    "liver": (221, 130, 101), "spleen": (157, 108, 162), "kidney": (185, 102, 83),
+    "left kidney": (185, 102, 83), "right kidney": (185, 102, 83), "pancreas": (249, 180, 111),
+    "stomach": (216, 132, 105), "gallbladder": (139, 150, 98), "aorta": (224, 97, 76),
+    "heart": (206, 110, 84), "lung": (197, 165, 145), "bone": (241, 214, 145), "tumor": (144, 238, 144),
+    "prostate": (230, 158, 140), "hippocampus": (220, 216, 20), "bladder": (222, 154, 132),
+}
+FALLBACK_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79),
+                   (221, 130, 101), (144, 238, 144), (192, 104, 88), (220, 245, 20), (78, 63, 0)]
+
+# sampler name -> trainer taking (config, progress, cancel); lets e.g. the top-k trainer plug in.
+EXTERNAL_TRAINERS: dict[str, Callable[..., "TrainingResult"]] = {}
+
+
+@dataclass
+class TrainingConfig:
+    dataset_dir: str
+    output: str  # checkpoint path (.pt)
+    architecture: str = "unet"
+    architecture_kwargs: dict[str, Any] = field(default_factory=dict)
+    patch_size: Sequence[int] = (32, 64, 64)  # array order (z, y, x)
+    batch_size: int = 2
+    epochs: int = 50
+    iterations_per_epoch: int = 50
+    fold: int = 0
+    folds: int = 5
+    seed: int = 0
+    sampler: str = "foreground"  # "uniform" | "foreground" (| plug-ins in EXTERNAL_TRAINERS)
+    augment: bool = True
+    deep_supervision: bool = True
+    device: str = "auto"
+    lr: float = 3e-4
+    weight_decay: float = 3e-5
+    lr_patience: int = 10  # epochs without improvement before the learning rate is cut
+    lr_factor: float = 0.2
+    min_lr: float = 1e-6
+    validation_overlap: float = 0.5
+    target_spacing: Optional[Sequence[float]] = None  # (x, y, z) mm; default: median of the dataset
+    overwrite: bool = False
+    description: str = ""
+
+
+@dataclass
+class TrainingResult:
+    checkpoint: str
+    metadata: ModelMetadata
+    epochs: int
+    seconds: float
+    final_lr: float
+    epoch_losses: list[float]
+    validation_dice: dict[str, float]
+
+
+class TrainingCase(NamedTuple):
+    image: np.ndarray  # float32 (z, y, x), resampled to the target spacing, not yet normalised
+    label: np.ndarray  # uint8 (z, y, x)
+    spacing: tuple[float, float, float]  # (x, y, z) mm
+
+
+def read_dataset_info(dataset_dir: str):
+    """Label names, modality and case files (UNetSegmentLib.io.read_dataset)."""
+    from .io import read_dataset
+
+    return read_dataset(dataset_dir)
+
+
+def load_training_cases(config: TrainingConfig, info=None
+                        ) -> tuple[list[TrainingCase], tuple[float, float, float]]:
+    """Read every case, reorient, resample to the target spacing: (cases, target spacing (x, y, z))."""
+    import SimpleITK as sitk
+
+    from . import io, preprocessing
+
+    info = info or read_dataset_info(config.dataset_dir)
+    images, labels = [], []
+    for case in info.cases:
+        image_path, label_path = case.image_path, case.label_path
+        image, label = io.read_image(image_path), io.read_labelmap(label_path)
+        # a labelmap off its image's grid would be silently resampled and teach wrong boundaries
+        preprocessing.validate_same_grid(image, label, what=f"labelmap {os.path.basename(label_path)}")
+        image = preprocessing.reorient_to_canonical(image)
+        label = preprocessing.reorient_to_canonical(label)
+        images.append(image)
+        labels.append(label)
+    if config.target_spacing is not None:
+        target = tuple(float(s) for s in config.target_spacing)
+    else:
+        target = tuple(float(s) for s in preprocessing.compute_target_spacing([i.GetSpacing() for i in images]))
+    cases = []
+    for image, label in zip(images, labels):
+        image = preprocessing.resample_image(image, target)
+        label = preprocessing.resample_image(label, target, is_label=True, reference=image)
+        image_array = sitk.GetArrayFromImage(image).astype(np.float32)
+        label_array = sitk.GetArrayFromImage(label).astype(np.uint8)
+        unknown = set(np.unique(label_array).tolist()) - set(info.labels)
+        if unknown:
+            raise InputError(f"Label values {sorted(unknown)} are not named in dataset.json.",
+                             "Add them to the 'labels' of dataset.json or fix the labelmaps.")
+        cases.append(TrainingCase(image_array, label_array, target))
+    return cases, target
+
+
+def split_folds(case_count: int, folds: int, fold: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Seeded k-fold split: (training indices, validation indices) of fold `fold`."""
+    if folds < 2:
+        raise InputError(f"--folds must be at least 2, got {folds}.", "Use 5 (the default) or more.")
+    if case_count < folds:
+        raise InputError(f"{case_count} cases cannot be split into {folds} folds.",
+                         f"Pass --folds {max(2, case_count)} or fewer, or add cases.")
+    if not 0 <= fold < folds:
+        raise InputError(f"--fold {fold} is outside 0..{folds - 1}.", f"Pick a fold from 0 to {folds - 1}.")
+    order = np.random.default_rng(seed).permutation(case_count)
+    validation = sorted(int(i) for i in np.array_split(order, folds)[fold])
+    training = sorted(int(i) for i in order if int(i) not in validation)
+    return training, validation
+
+
+def normalize_fold(cases: Sequence[TrainingCase], training: Sequence[int], modality: str
+                   ) -> tuple[Normalization, list[np.ndarray]]:
+    """Normalisation from the training cases only (CT statistics for CT), applied to every case."""
+    from . import preprocessing
+
+    if modality.upper() == "CT":
+        normalization = preprocessing.compute_ct_normalization(
+            [cases[i].image for i in training], [cases[i].label for i in training])
+    else:
+        normalization = Normalization(scheme="zscore")
+    return normalization, [np.asarray(preprocessing.normalize(case.image, normalization), dtype=np.float32)
+                           for case in cases]
+
+
+def label_infos(labels: dict[int, str]) -> list[LabelInfo]:
+    infos = []
+    for value in sorted(labels):
+        name = labels[value]
+        rgb = (0, 0, 0) if value == 0 else ORGAN_COLORS.get(name.lower().replace("_", " "),
+                                                            FALLBACK_COLORS[(value - 1) % len(FALLBACK_COLORS)])
+        infos.append(LabelInfo(value, name, tuple(c / 255 for c in rgb)))
+    return infos
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"'{name}' is not a device name.", "Use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("CUDA was requested but no CUDA GPU is available to PyTorch.",
+                          "Use --device cpu, or install a CUDA build of PyTorch on a GPU machine.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("MPS was requested but is not available.", "Use --device cpu.")
+    return device
+
+
+def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: dict[int, str]) -> dict[str, float]:
+    """Dice of each foreground label; 1.0 when a label is absent from both."""
+    scores = {}
+    for value, name in labels.items():
+        if value == 0:
+            continue
+        predicted, expected = prediction == value, reference == value
+        total = int(predicted.sum()) + int(expected.sum())
+        scores[name] = 1.0 if total == 0 else 2.0 * float((predicted & expected).sum()) / total
+    return scores
+
+
+def _validate_config(config: TrainingConfig) -> None:
+    from .sampling import SAMPLERS
+
+    if config.sampler not in SAMPLERS and config.sampler not in EXTERNAL_TRAINERS:
+        raise InputError(f"Unknown sampler '{config.sampler}'.",
+                         f"Choose one of: {', '.join(list(SAMPLERS) + list(EXTERNAL_TRAINERS))}.")
+    for name in ("batch_size", "epochs", "iterations_per_epoch"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}.", f"Pass a {name} of 1 or more.")
+    if len(config.patch_size) not in (2, 3) or any(int(p) < 1 for p in config.patch_size):
+        raise InputError(f"Patch size {tuple(config.patch_size)} is invalid.",
+                         "Pass three positive numbers in (z, y, x) order, e.g. --patch-size 32 64 64.")
+    if not config.lr > 0:
+        raise InputError(f"Learning rate must be positive, got {config.lr}.", "Use the default 3e-4.")
+    if os.path.exists(config.output) and not config.overwrite:
+        raise CheckpointError(f"{config.output} already exists; it was not overwritten.",
+                              "Pass --overwrite to replace it, or choose another --output.")
+    folder = os.path.dirname(os.path.abspath(config.output))
+    if not os.path.isdir(folder):
+        raise InputError(f"The output folder {folder} does not exist.", "Create it or choose another --output.")
+
+
+def train(config: TrainingConfig, progress: ProgressCallback | None = None,
+          cancel: CancelToken | None = None) -> TrainingResult:
+    """Train, validate on the held-out fold and write the checkpoint (only if nothing was cancelled)."""
+    if config.sampler in EXTERNAL_TRAINERS:
+        return EXTERNAL_TRAINERS[config.sampler](config, progress, cancel)
+    import torch
+
+    from .augmentation import Augmenter, center_crop
+    from .checkpoint import save_checkpoint
+    from .losses import DeepSupervisionLoss, DiceCELoss
+    from .networks import build_network, get_architecture
+    from .sampling import make_sampler
+
+    _validate_config(config)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    tracker = ProgressTracker(config.epochs * config.iterations_per_epoch, progress, cancel, stage="training")
+
+    info = read_dataset_info(config.dataset_dir)
+    cases, target_spacing = load_training_cases(config, info)
+    training, validation = split_folds(len(cases), config.folds, config.fold, config.seed)
+    tracker.check_cancel()
+    normalization, normalized = normalize_fold(cases, training, info.modality)
+    log.info("fold %d/%d: %d training, %d validation cases; spacing %s mm; normalisation %s",
+             config.fold, config.folds, len(training), len(validation),
+             tuple(round(s, 3) for s in target_spacing), normalization)
+
+    patch_size = tuple(int(p) for p in config.patch_size)
+    spatial_dims = len(patch_size)
+    augmenter = Augmenter(patch_size, target_spacing, seed=config.seed) if config.augment else None
+    sample_size = augmenter.input_size if augmenter else patch_size
+    sampler = make_sampler(config.sampler, [(normalized[i], cases[i].label) for i in training],
+                           sample_size, seed=config.seed)
+
+    deep_supervision = bool(config.deep_supervision and get_architecture(config.architecture).supports_deep_supervision)
+    network_kwargs = dict(config.architecture_kwargs)
+    network_kwargs["deep_supervision"] = deep_supervision
+    network = build_network(config.architecture, spatial_dims, 1, len(info.labels), **network_kwargs).to(device)
+    loss_function = DeepSupervisionLoss(DiceCELoss())
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    lr, best_loss, epochs_without_improvement = config.lr, math.inf, 0
+    epoch_losses: list[float] = []
+    for epoch in range(config.epochs):
+        network.train()
+        running = 0.0
+        for _ in range(config.iterations_per_epoch):
+            tracker.check_cancel()
+            images, labels = (torch.from_numpy(a) for a in sampler.sample_batch(config.batch_size))
+            if augmenter is not None:
+                images, labels = augmenter(images, labels)
+            else:
+                images, labels = center_crop(images, labels, patch_size)
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_function(network(images), labels)
+            if not torch.isfinite(loss):
+                raise InputError(f"The training loss became {loss.item()} in epoch {epoch + 1}.",
+                                 "Lower --lr, check the images for NaN values, or normalise them.")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+            optimizer.step()
+            running += float(loss.item())
+            tracker.advance()
+        epoch_loss = running / config.iterations_per_epoch
+        epoch_losses.append(epoch_loss)
+        if epoch_loss < best_loss - 1e-4:
+            best_loss, epochs_without_improvement = epoch_loss, 0
+        else:
+            epochs_without_improvement += 1
+        if epochs_without_improvement >= config.lr_patience:
+            lr *= config.lr_factor
+            epochs_without_improvement = 0
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        log.info("epoch %d/%d: loss %.4f, lr %.2e, %.0f s", epoch + 1, config.epochs, epoch_loss, lr,
+                 time.perf_counter() - started)
+        if lr < config.min_lr:
+            log.info("learning rate below %.0e: stopping", config.min_lr)
+            break
+
+    network.eval()
+    validation_dice = validate(network, [normalized[i] for i in validation], [cases[i].label for i in validation],
+                               info.labels, patch_size, config.validation_overlap, device, progress, cancel)
+    seconds = time.perf_counter() - started
+    built_kwargs = getattr(network, "config", {}).get("kwargs", network_kwargs)
+    architecture_kwargs = {key: value for key, value in built_kwargs.items()
+                           if key not in ("spatial_dims", "in_channels", "out_channels")}
+    architecture_kwargs["deep_supervision"] = False  # inference uses the highest-resolution head only
+    metadata = ModelMetadata(
+        architecture=config.architecture,
+        architecture_kwargs=architecture_kwargs,
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        labels=label_infos(info.labels),
+        patch_size=list(patch_size),
+        target_spacing=[float(s) for s in target_spacing],
+        normalization=normalization,
+        modality=info.modality,
+        training={
+            "dataset": info.name,
+            "cases": len(cases), "training_cases": len(training), "validation_cases": len(validation),
+            "fold": config.fold, "folds": config.folds, "epochs": len(epoch_losses),
+            "iterations_per_epoch": config.iterations_per_epoch, "batch_size": config.batch_size,
+            "sampler": config.sampler, "augment": config.augment, "deep_supervision": deep_supervision,
+            "seed": config.seed, "lr": config.lr, "final_lr": lr, "final_loss": epoch_losses[-1],
+            "seconds": round(seconds, 1), "device": str(device),
+        },
+        validation_dice={name: round(score, 4) for name, score in validation_dice.items()},
+        description=config.description,
+    )
+    tracker.check_cancel()
+    network.to("cpu")
+    save_checkpoint(config.output, network, metadata, overwrite=config.overwrite)
+    log.info("wrote %s (validation Dice %s)", config.output, metadata.validation_dice)
+    return TrainingResult(config.output, metadata, len(epoch_losses), seconds, lr, epoch_losses, validation_dice)
+
+
+def validate(network, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], label_names: dict[int, str],
+             patch_size: Sequence[int], overlap: float, device, progress: ProgressCallback | None = None,
+             cancel: CancelToken | None = None) -> dict[str, float]:
+    """Mean Dice per label over the held-out cases, predicted with the sliding-window engine."""
+    import torch
+
+    from .inference.sliding_window import InferenceOptions, sliding_window_inference
+
+    if not images:
+        return {}
+    totals: dict[str, float] = {}
+    tracker = ProgressTracker(len(images), progress, cancel, stage="validation")
+    options = InferenceOptions(patch_size=tuple(patch_size), overlap=overlap)
+    with torch.inference_mode():
+        for image, label in zip(images, labels):
+            tracker.check_cancel()
+            result = sliding_window_inference(network, torch.from_numpy(image[None]).to(device), options,
+                                              None, cancel)
+            prediction = result.labels
+            prediction = prediction.cpu().numpy() if hasattr(prediction, "cpu") else np.asarray(prediction)
+            for name, score in dice_per_label(prediction, label, label_names).items():
+                totals[name] = totals.get(name, 0.0) + score
+            tracker.advance()
+    return {name: total / len(images) for name, total in totals.items()}
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainingConfig:
+    return TrainingConfig(**data)
+
+
+def config_to_dict(config: TrainingConfig) -> dict[str, Any]:
+    data = asdict(config)
+    data["patch_size"] = list(config.patch_size)
+    return data
