@@ -443,6 +443,7 @@ def test_impossible_memory_budget_is_a_clear_out_of_memory_error(valid_checkpoin
     with pytest.raises(errors.OutOfMemoryError) as raised:
         segment_image(make_corpus.phantom_image(), valid_checkpoint, device="cpu", memory_budget_mb=0.001)
     assert_clear_message(str(raised.value), expect)
+    assert "0.001 MB" in str(raised.value) and not re.search(r"\b0 MB", str(raised.value)), raised.value
     before = snapshot(output_folder)
     argv = ["segment", valid_image, "--output", output_folder / "result.nrrd", "--model", valid_checkpoint,
             "--device", "cpu", "--quiet", "--overwrite", "--memory-budget-mb", "0.001"]

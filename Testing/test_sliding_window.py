@@ -129,6 +129,21 @@ def test_probabilities_uncertainty_and_labels_are_consistent():
     np.testing.assert_array_equal(labels_only.labels, result.labels)
 
 
+@pytest.mark.parametrize("shape, blend", [((1, 23, 10, 9), "gaussian"), ((1, 5, 17, 9), "gaussian"),
+                                          ((1, 30, 9, 8), "constant")])
+def test_rolling_band_for_labels_equals_full_buffer(shape, blend):
+    network = TinyConvNet(out_channels=3, seed=7)
+    image = random_image(shape, seed=8)
+    options = dict(patch_size=(8, 8, 8), blend=blend, return_uncertainty=True)
+    full = sliding_window_inference(network, image, InferenceOptions(output="logits", **options))
+    rolling = sliding_window_inference(network, image, InferenceOptions(output="probabilities", **options))
+    labels_only = sliding_window_inference(network, image, InferenceOptions(output="labels", **options))
+    np.testing.assert_allclose(rolling.probabilities, torch.softmax(full.logits, 0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(rolling.uncertainty, full.uncertainty, atol=1e-5)
+    np.testing.assert_array_equal(rolling.labels, full.labels)
+    np.testing.assert_array_equal(labels_only.labels, full.labels)
+
+
 def test_more_than_255_classes_gives_uint16_labels():
     network = nn.Conv3d(1, 300, 1)  # pointwise: the stitched result is the network applied to the volume
     image = random_image((1, 6, 5, 4))

@@ -86,10 +86,12 @@ def sliding_window_inference(network: nn.Module, image, options: InferenceOption
     _check_network_fit(network, volume, options.patch_size)
     needs_logits = options.output == "logits"
     needs_probabilities = options.output == "probabilities" or options.return_probabilities
-    plans = _plans(network, volume, options)
-    accumulated, stats = _run_with_fallbacks(network, volume[None], options, plans, progress, cancel)
+    outputs = _Outputs(volume.shape[1:], needs_probabilities, options.return_uncertainty)
+    plans = _plans(network, volume, options, rolling=not needs_logits)
+    accumulated, stats = _run_with_fallbacks(network, volume[None], options, plans, progress, cancel,
+                                             sink=None if needs_logits else outputs)
     scores, weight_sum = accumulated[0], stats.pop("_weight_sum")
-    result = _finish(scores, weight_sum, options, needs_logits, needs_probabilities)
+    result = _finish(scores, weight_sum, options, needs_logits, outputs)
     stats["seconds"] = time.perf_counter() - started
     result.stats = stats
     return result
@@ -275,7 +277,7 @@ def _whole_multiple(network: nn.Module, patch_size: Sequence[int]) -> int:
     return common & -common
 
 
-def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions) -> list[_Plan]:
+def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, rolling: bool = False) -> list[_Plan]:
     """Plans to try in order: the requested one first, then the fallbacks (smaller batch, CPU)."""
     device = resolve_device(options.device, network)
     devices = [device] + ([torch.device("cpu")] if device.type != "cpu" else [])
@@ -288,6 +290,7 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions) 
     out_channels = int(getattr(network, "out_channels", 0) or 0) or 2
     accumulate_bytes = torch.empty((), dtype=ACCUMULATE_DTYPES[options.accumulate_dtype]).element_size()
     plans: list[_Plan] = []
+    smallest_need, smallest_budget = math.inf, math.inf  # for the error when nothing fits
     for device_index, candidate in enumerate(devices):
         autocast_dtype, precision_note = resolve_precision(options.precision, candidate)
         element_size = 2 if autocast_dtype is not None else 4
@@ -303,7 +306,8 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions) 
         per_voxel = _activation_bytes_per_voxel(network, volume.shape[0], spatial_dims, multiple, candidate,
                                                 element_size)
         input_bytes = volume.numel() * 4
-        sliding_buffers = (out_channels * accumulate_bytes + 4) * math.prod(padded) + input_bytes
+        band = patch[0] if rolling else padded[0]  # a rolling band keeps only patch[0] planes of scores
+        sliding_buffers = (out_channels * accumulate_bytes * band / padded[0] + 4) * math.prod(padded) + input_bytes
         patch_voxels = math.prod(patch)
 
         def sliding_bytes(batch: int) -> float:
@@ -345,6 +349,8 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions) 
             batches.remove(1)  # a batch of one is slower on CPU and saves little memory
         fitting = [b for b in batches if sliding_bytes(b) <= budget]
         if not fitting:
+            smallest_need = min(smallest_need, sliding_bytes(batches[-1]))
+            smallest_budget = min(smallest_budget, budget)
             continue
         for index, batch in enumerate(fitting):
             batch_notes = list(notes)
@@ -352,10 +358,11 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions) 
                 batch_notes.append(f"batch size {first} -> {batch} to fit memory")
             plans.append(_Plan("sliding", candidate, autocast_dtype, precision_name, batch, batch_notes, reason))
     if not plans:
-        need = (out_channels * accumulate_bytes + 4) * math.prod(padded) / 2 ** 20
+        need = smallest_need / 2 ** 20 if math.isfinite(smallest_need) else \
+            (out_channels * accumulate_bytes + 4) * math.prod(padded) / 2 ** 20
         raise OutOfMemoryError(
-            f"Sliding-window inference needs at least {need:.0f} MB for its buffers plus one patch, more than "
-            f"the memory budget allows.",
+            f"Sliding-window inference needs at least {need:.3g} MB for its buffers plus one batch of patches, "
+            f"more than the memory budget of {smallest_budget / 2 ** 20:.3g} MB allows.",
             "Raise memory_budget_mb, use a smaller patch size, accumulate in float16, or crop the volume.")
     return plans
 
@@ -370,7 +377,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
                                                 or "failed to allocate" in message)
 
 
-def _run_with_fallbacks(network, volumes, options, plans, progress, cancel):
+def _run_with_fallbacks(network, volumes, options, plans, progress, cancel, sink=None):
     """Run the first plan that does not run out of memory; restore the network's device and mode."""
     original_device = None
     for parameter in network.parameters():
@@ -382,7 +389,7 @@ def _run_with_fallbacks(network, volumes, options, plans, progress, cancel):
     try:
         for plan in plans:
             try:
-                accumulated, stats = _execute(network, volumes, options, plan, progress, cancel)
+                accumulated, stats = _execute(network, volumes, options, plan, progress, cancel, sink)
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried
                 if not _is_out_of_memory(error):
                     raise
@@ -433,7 +440,7 @@ def _check_mirror_axes(mirror_axes, spatial_dims: int) -> tuple:
     return axes
 
 
-def _execute(network, volumes: torch.Tensor, options: InferenceOptions, plan: _Plan, progress, cancel):
+def _execute(network, volumes: torch.Tensor, options: InferenceOptions, plan: _Plan, progress, cancel, sink=None):
     """Accumulated (unnormalised) scores per image and the shared weight sum, on the plan's device."""
     patch = tuple(int(p) for p in options.patch_size)
     spatial_dims = len(patch)
@@ -463,10 +470,14 @@ def _execute(network, volumes: torch.Tensor, options: InferenceOptions, plan: _P
             stats.update(patches=len(volumes), windows=1,
                          _weight_sum=torch.ones((1,) + spatial, device=plan.device))
             return accumulated, stats
-        return _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel)
+        return _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel,
+                      sink)
 
 
-def _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel):
+def _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel,
+           sink=None):
+    """Blend every window's prediction. With a `sink`, only a band of `patch[0]` planes is kept:
+    planes no later window touches are handed to the sink (argmax/softmax) and the band moves on."""
     spatial = tuple(volumes.shape[2:])
     # Pad symmetrically up to the patch where the volume is smaller (as MONAI), crop back at the end.
     pad_before = [max(p - s, 0) // 2 for s, p in zip(spatial, patch)]
@@ -483,6 +494,7 @@ def _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype
     minimum = CPU_MIN_BATCH if plan.device.type == "cpu" else 1
     batch_buffer = torch.zeros((max(plan.batch_size, minimum), in_channels) + patch, device=plan.device)
     crop = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
+    band = patch[0] if sink is not None else padded[0]
     accumulated = []
     for volume in volumes:
         volume = volume.to(plan.device)
@@ -492,6 +504,25 @@ def _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype
                 padding.extend([before, max(p - s, 0) - before])
             volume = F.pad(volume, padding)
         scores = None
+        band_start = 0  # first padded plane held in `scores`
+
+        def flush(until):
+            """Hand planes [band_start, until) to the sink and shift the band to start at `until`."""
+            nonlocal band_start
+            count = until - band_start
+            if count <= 0:
+                return
+            lo, hi = max(band_start, pad_before[0]), min(until, pad_before[0] + spatial[0])
+            if hi > lo:
+                others = crop[2:]  # the unpadded extent of the other axes
+                sink(scores[(slice(None), slice(lo - band_start, hi - band_start)) + others],
+                     weight_sum[(slice(None), slice(lo, hi)) + others], lo - pad_before[0])
+            kept = band - count
+            if kept > 0:
+                scores[:, :kept] = scores[:, count:].clone()
+            scores[:, max(kept, 0):].zero_()
+            band_start = until
+
         for first in range(0, len(windows), plan.batch_size):
             tracker.check_cancel()
             chunk = windows[first:first + plan.batch_size]
@@ -503,15 +534,23 @@ def _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype
                 raise InputError(f"The network returned spatial size {tuple(prediction.shape[2:])} for a patch of "
                                  f"{patch}.", "Use a network whose output has the size of its input.")
             if scores is None:
-                scores = torch.zeros((prediction.shape[1],) + padded, dtype=accumulate_dtype, device=plan.device)
+                scores = torch.zeros((prediction.shape[1], band) + padded[1:], dtype=accumulate_dtype,
+                                     device=plan.device)
             for slot, window in enumerate(chunk):
-                target = scores[(slice(None),) + window]
+                if sink is not None and window[0].start > band_start:
+                    flush(window[0].start)  # windows come first axis slowest: earlier planes are final
+                local = (slice(None), slice(window[0].start - band_start, window[0].stop - band_start)) + window[1:]
+                target = scores[local]
                 if constant:
                     target.add_(prediction[slot])
                 else:
                     target.addcmul_(prediction[slot], weights)
             tracker.advance(len(chunk))
-        accumulated.append(scores[crop] if padded != spatial else scores)
+        if sink is not None:
+            flush(padded[0])
+            accumulated.append(None)
+        else:
+            accumulated.append(scores[crop] if padded != spatial else scores)
     stats.update(patches=len(volumes) * len(windows), windows=len(windows),
                  _weight_sum=weight_sum[crop] if padded != spatial else weight_sum)
     return accumulated, stats
@@ -527,32 +566,54 @@ def _slabs(spatial: Sequence[int], channels: int):
         yield slice(start, min(start + step, spatial[0]))
 
 
+class _Outputs:
+    """Labels, probabilities and entropy filled slab by slab from unnormalised blended scores."""
+
+    def __init__(self, spatial: Sequence[int], needs_probabilities: bool, needs_uncertainty: bool):
+        self.spatial = tuple(spatial)
+        self.needs_probabilities = needs_probabilities
+        self.needs_uncertainty = needs_uncertainty
+        self.labels = self.probabilities = self.uncertainty = None
+
+    def _allocate(self, channels: int) -> None:
+        self.labels = np.empty(self.spatial, dtype=np.uint8 if channels <= 256 else np.uint16)
+        if self.needs_probabilities:
+            self.probabilities = np.empty((channels,) + self.spatial, dtype=np.float32)
+        if self.needs_uncertainty:
+            self.uncertainty = np.empty(self.spatial, dtype=np.float32)
+
+    @torch.no_grad()
+    def __call__(self, scores: torch.Tensor, weight_sum: torch.Tensor | None, start: int) -> None:
+        """Write planes [start, start + len) from `scores` (C, planes, ...); `weight_sum` None: normalised."""
+        if self.labels is None:
+            self._allocate(scores.shape[0])
+        for slab in _slabs(scores.shape[1:], scores.shape[0]):
+            part = scores[:, slab]
+            target = slice(start + slab.start, start + slab.stop)
+            # Weights are positive, so the argmax of the unnormalised sum is the argmax of the mean.
+            self.labels[target] = part.argmax(0).to(torch.int32).cpu().numpy().astype(self.labels.dtype, copy=False)
+            if not (self.needs_probabilities or self.needs_uncertainty):
+                continue
+            normalised = part.float() if weight_sum is None else part.float() / weight_sum[:, slab]
+            log_probabilities = torch.log_softmax(normalised, dim=0)
+            probabilities = log_probabilities.exp()
+            if self.probabilities is not None:
+                self.probabilities[:, target] = probabilities.cpu().numpy()
+            if self.uncertainty is not None:
+                self.uncertainty[target] = (-(probabilities * log_probabilities).sum(0)).cpu().numpy()
+
+
 @torch.no_grad()
-def _finish(scores: torch.Tensor, weight_sum: torch.Tensor, options: InferenceOptions,
-            needs_logits: bool, needs_probabilities: bool) -> InferenceResult:
-    """Labels (and logits/probabilities/entropy when asked) from the blended scores, slab by slab."""
-    channels = scores.shape[0]
-    spatial = tuple(scores.shape[1:])
-    label_dtype = np.uint8 if channels <= 256 else np.uint16
-    labels = np.empty(spatial, dtype=label_dtype)
-    probabilities = np.empty((channels,) + spatial, dtype=np.float32) if needs_probabilities else None
-    uncertainty = np.empty(spatial, dtype=np.float32) if options.return_uncertainty else None
+def _finish(scores: torch.Tensor | None, weight_sum: torch.Tensor, options: InferenceOptions, needs_logits: bool,
+            outputs: _Outputs) -> InferenceResult:
+    """The result from the full blended scores, or from what the rolling sink already wrote."""
     logits = None
-    if needs_logits:
-        logits = scores.float().div_(weight_sum) if scores.dtype != torch.float32 else scores.div_(weight_sum)
-        logits = logits.cpu()
-    for slab in _slabs(spatial, channels):
-        index = (slice(None), slab)
-        # Weights are positive, so the argmax of the unnormalised sum is the argmax of the mean.
-        part = logits[index] if logits is not None else scores[index]
-        labels[slab] = part.argmax(0).to(torch.int32).cpu().numpy().astype(label_dtype, copy=False)
-        if probabilities is None and uncertainty is None:
-            continue
-        normalised = part.float() if logits is not None else part.float() / weight_sum[index]
-        log_probabilities = torch.log_softmax(normalised, dim=0)
-        slab_probabilities = log_probabilities.exp()
-        if probabilities is not None:
-            probabilities[index] = slab_probabilities.cpu().numpy()
-        if uncertainty is not None:
-            uncertainty[slab] = (-(slab_probabilities * log_probabilities).sum(0)).cpu().numpy()
-    return InferenceResult(labels=labels, logits=logits, probabilities=probabilities, uncertainty=uncertainty)
+    if scores is not None:
+        if needs_logits:
+            logits = scores.float().div_(weight_sum) if scores.dtype != torch.float32 else scores.div_(weight_sum)
+            logits = logits.cpu()
+            outputs(logits, None, 0)
+        else:
+            outputs(scores, weight_sum, 0)
+    return InferenceResult(labels=outputs.labels, logits=logits, probabilities=outputs.probabilities,
+                           uncertainty=outputs.uncertainty)
