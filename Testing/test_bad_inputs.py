@@ -276,7 +276,7 @@ def test_cli_cancel_in_the_middle_writes_nothing(registered_cli, output_folder, 
     image = _larger_image(tmp_path / "larger.nrrd")
     before = snapshot(output_folder)
     argv = ["segment", image, "--output", output_folder / "result.nrrd", "--model", valid_checkpoint,
-            "--device", "cpu", "--overwrite"]
+            "--device", "cpu", "--overwrite", "--overlap", "0.75"]  # 48 windows: several batches
     code, _, err = run_cli(registered_cli, argv)
     assert code == 2 and "error: " in err and "cancel" in err.lower(), err
     assert 1 <= len(reports) and reports[0].done < reports[0].total, "cancel must land in the middle of the run"
@@ -578,7 +578,7 @@ LOGIC_VOLUME_CASES = {
 }
 
 
-def _run_logic_case(module, scene, volume, model_path, expect, corpus_root=None):
+def _run_logic_case(module, scene, volume, model_path, expect, corpus_root=None, **options):
     """Segment into the user's existing segmentation (replace on!) and check nothing was lost on failure."""
     reference = volume if volume.GetImageData() is not None else None
     manual = _existing_segmentation(scene, reference) if reference is not None else None
@@ -587,7 +587,7 @@ def _run_logic_case(module, scene, volume, model_path, expect, corpus_root=None)
     logic = module.UNetSegmentLogic()
     if expect.succeeds:
         result = logic.segment(volume, str(model_path), outputSegmentation=manual, replaceExisting=False,
-                               device="cpu")
+                               device="cpu", **options)
         assert result is manual and scene.GetNumberOfNodes() == node_count
         after = _segments(manual, reference)
         _assert_segments_kept(manual_before, after)  # the new 'liver' got its own name
@@ -595,7 +595,8 @@ def _run_logic_case(module, scene, volume, model_path, expect, corpus_root=None)
         assert "liver (UNetSegment 2)" in names and "spleen" in names, names
         return
     with pytest.raises(errors.UNetSegmentError) as raised:
-        logic.segment(volume, str(model_path), outputSegmentation=manual, replaceExisting=True, device="cpu")
+        logic.segment(volume, str(model_path), outputSegmentation=manual, replaceExisting=True, device="cpu",
+                      **options)
     assert_error_class(raised.value, expect)
     assert_clear_message(str(raised.value), expect)
     assert scene.GetNumberOfNodes() == node_count, "the scene changed"
@@ -648,7 +649,7 @@ def test_logic_cancel_in_the_middle_changes_nothing(module, scene, valid_checkpo
 
     monkeypatch.setattr(module.SegmentationJob, "_onProgress", cancel_on_first_report)
     volume = _volume_from_image(module, make_corpus.phantom_image((24, 28, 26)))
-    _run_logic_case(module, scene, volume, valid_checkpoint, E("Cancelled", ("cancel",)))
+    _run_logic_case(module, scene, volume, valid_checkpoint, E("Cancelled", ("cancel",)), overlap=0.75)
     assert reports and reports[0].done < reports[0].total, "cancel must land in the middle of the run"
     TRIED["Logic"].add("cancel")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import signal
@@ -28,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=50, help="iterations per epoch (default 50)")
     parser.add_argument("--fold", type=int, default=0, help="held-out fold (default 0)")
     parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
-    parser.add_argument("--sampler", default="foreground", help="patch sampler: uniform or foreground (default)")
+    parser.add_argument("--sampler", default="foreground", choices=("uniform", "foreground", "topk"),
+                        help="uniform or foreground-oversampled patches (default foreground), or topk: train a "
+                             "No-More-Sliding-Window model (global branch + learned top-k patch selection)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="with --sampler topk: patches evaluated at inference (default: the model's)")
     parser.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentation")
     parser.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false")
     parser.add_argument("--lr", type=float, default=3e-4, help="initial Adam learning rate (default 3e-4)")
@@ -88,6 +93,17 @@ def run(args: argparse.Namespace) -> int:
     from ..training import train
 
     config = config_from_args(args)
+    if args.sampler == "topk":
+        from ..topk.training import train_topk
+
+        settings = {"k": args.k} if args.k is not None else None
+        trainer = functools.partial(train_topk, settings=settings)
+    elif args.k is not None:
+        from ..errors import InputError
+
+        raise InputError("--k applies only to --sampler topk.", "Drop --k or add --sampler topk.")
+    else:
+        trainer = train
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cancel = CancelToken()
@@ -96,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bar = _ProgressBar(not args.quiet)
     try:
-        result = train(config, progress=bar, cancel=cancel)
+        result = trainer(config, progress=bar, cancel=cancel)
     finally:
         bar.close()
         if in_main_thread:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import InputError, OutOfMemoryError
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
-from .devices import available_memory_bytes, resolve_device, resolve_precision
+from .devices import available_memory_bytes, network_device, resolve_device, resolve_precision
 from .gaussian import BLEND_MODES, importance_map, window_starts
 
 MODES = ("sliding", "whole", "auto")
@@ -233,38 +233,39 @@ _PROBE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDict
 
 
 def _activation_bytes_per_voxel(network: nn.Module, in_channels: int, spatial_dims: int, multiple: int,
-                                device: torch.device, element_size: int) -> float:
-    """Bytes of layer outputs per input voxel, measured once per network on a tiny probe input.
+                                element_size: int) -> float:
+    """Bytes of layer outputs per input voxel, measured once per network on a tiny probe input
+    (in eval mode, on the network's own device) and scaled to the run's element size.
 
     The sum of every leaf module's output is an upper bound of what a forward pass holds at once,
     so plans made with it err on the safe side.
     """
-    key = (str(device), in_channels, element_size)
+    key = (in_channels, spatial_dims)
     cache = _PROBE_CACHE.setdefault(network, {})
-    if key in cache:
-        return cache[key]
-    side = max(16, 2 * multiple)
-    probe = torch.zeros((1, in_channels) + (side,) * spatial_dims, device=device)
-    total = [0]
+    if key not in cache:
+        side = max(16, multiple)
+        probe = torch.zeros((1, in_channels) + (side,) * spatial_dims, device=network_device(network) or "cpu")
+        total = [0]
 
-    def count(_module, _inputs, output):
-        outputs = output if isinstance(output, (list, tuple)) else [output]
-        for item in outputs:
-            if isinstance(item, torch.Tensor):
-                total[0] += item.numel()
+        def count(_module, _inputs, output):
+            for item in output if isinstance(output, (list, tuple)) else [output]:
+                if isinstance(item, torch.Tensor):
+                    total[0] += item.numel()
 
-    hooks = [module.register_forward_hook(count) for module in network.modules() if not list(module.children())]
-    try:
-        with torch.no_grad():
-            network(probe)
-    except Exception:  # noqa: BLE001 - a probe failure only means no estimate; the real run reports errors
-        total[0] = 0
-    finally:
-        for hook in hooks:
-            hook.remove()
-    per_voxel = (total[0] * element_size / side ** spatial_dims) if total[0] else 256.0 * element_size
-    cache[key] = per_voxel
-    return per_voxel
+        hooks = [module.register_forward_hook(count) for module in network.modules() if not list(module.children())]
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.no_grad():
+                network(probe)
+        except Exception:  # noqa: BLE001 - a failed probe only means no estimate; the real run reports errors
+            total[0] = 0
+        finally:
+            network.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        cache[key] = total[0] / side ** spatial_dims if total[0] else 256.0  # elements per voxel
+    return cache[key] * element_size
 
 
 def _whole_multiple(network: nn.Module, patch_size: Sequence[int]) -> int:
@@ -303,8 +304,7 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, 
         else:
             free = available_memory_bytes(candidate)
             budget = free * AUTO_BUDGET_FRACTION if free else float("inf")
-        per_voxel = _activation_bytes_per_voxel(network, volume.shape[0], spatial_dims, multiple, candidate,
-                                                element_size)
+        per_voxel = _activation_bytes_per_voxel(network, volume.shape[0], spatial_dims, multiple, element_size)
         input_bytes = volume.numel() * 4
         band = patch[0] if rolling else padded[0]  # a rolling band keeps only patch[0] planes of scores
         sliding_buffers = (out_channels * accumulate_bytes * band / padded[0] + 4) * math.prod(padded) + input_bytes
