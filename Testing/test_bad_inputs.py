@@ -39,10 +39,9 @@ import slicer  # noqa: E402
 
 from UNetSegmentLib import cli, errors  # noqa: E402
 
-# the lead registers these in cli.COMMANDS; until then the test adds them the same way
-CLI_COMMANDS = {"segment": ("segment", "Segment images."), "train": ("train", "Train a model.")}
 TRIED = {"CLI": set(), "Logic": set()}
 MINIMUM_CASES = 25
+LARGER_SHAPE = (24, 28, 26)  # (z, y, x): 18 windows of 16^3 at 1 mm (the tiny model's spacing)
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
@@ -86,10 +85,9 @@ def scene():
 
 
 @pytest.fixture()
-def registered_cli(monkeypatch):
-    for name, entry in CLI_COMMANDS.items():
-        if name not in cli.COMMANDS:
-            monkeypatch.setitem(cli.COMMANDS, name, entry)
+def command_line():
+    """`UNetSegmentLib.cli`, run in-process (the subprocess test below proves the real process)."""
+    assert {"segment", "train"} <= set(cli.COMMANDS), "segment/train are not command_line in cli.COMMANDS"
     return cli
 
 
@@ -114,16 +112,16 @@ def snapshot(folder: Path) -> dict[str, str]:
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def run_cli(registered, argv: list[str]) -> tuple[int, str, str]:
+def run_cli(command_line, argv: list[str]) -> tuple[int, str, str]:
     out, err = text_io.StringIO(), text_io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = registered.main([str(arg) for arg in argv])
+        code = command_line.main([str(arg) for arg in argv])
     return code, out.getvalue(), err.getvalue()
 
 
-def raised_by_command(registered, argv: list[str]) -> BaseException | None:
+def raised_by_command(command_line, argv: list[str]) -> BaseException | None:
     """The exception the subcommand raises (cli.main turns it into a message), to check its class."""
-    args = registered.build_parser().parse_args([str(arg) for arg in argv])
+    args = command_line.build_parser().parse_args([str(arg) for arg in argv])
     out, err = text_io.StringIO(), text_io.StringIO()
     try:
         with redirect_stdout(out), redirect_stderr(err):
@@ -177,25 +175,11 @@ def assert_nothing_lost(folder: Path, before: dict[str, str], changed: set[str] 
 
 def cases_of(kind: str) -> list[str]:
     """Case names, known before the corpus is written (parametrisation happens at collection)."""
-    return [name for name, case_kind in CASE_KINDS.items() if case_kind == kind]
-
-
-CASE_KINDS = {  # name -> kind; test_corpus_matches_generator keeps this in step with make_corpus.py
-    **{name: "image" for name in (
-        "nan_voxels", "inf_voxels", "constant", "zero_size", "empty_file", "image_2d", "volume_4d",
-        "multi_component", "anisotropic", "single_slice", "negative_spacing", "zero_spacing", "non_orthogonal",
-        "flipped_axes", "truncated_nrrd", "truncated_nifti_gz", "truncated_nifti", "not_an_image",
-        "not_an_image_type", "dicom_mixed_series")},
-    **{name: "checkpoint" for name in (
-        "ckpt_missing_keys", "ckpt_other_architecture", "ckpt_wrong_label_count", "ckpt_executes_code",
-        "ckpt_truncated", "ckpt_bare_state_dict", "ckpt_unknown_architecture", "ckpt_not_a_model",
-        "ckpt_2d_model")},
-    **{name: "dataset" for name in ("train_label_grid_mismatch", "train_unexpected_label_values")},
-}
+    return [name for name, case_kind in make_corpus.CASE_KINDS.items() if case_kind == kind]
 
 
 def test_corpus_matches_generator(corpus, corpus_root):
-    assert {name: case.kind for name, case in corpus.items()} == CASE_KINDS
+    assert {name: case.kind for name, case in corpus.items()} == make_corpus.CASE_KINDS
     for case in corpus.values():
         assert case.path.exists(), case.path
     assert not make_corpus.code_marker(corpus_root).exists()
@@ -204,9 +188,9 @@ def test_corpus_matches_generator(corpus, corpus_root):
 # --- CLI ----------------------------------------------------------------------------------------------
 
 
-def check_cli_case(registered, case, argv, folder: Path, output: Path, input_path: Path, marker: Path):
+def check_cli_case(command_line, case, argv, folder: Path, output: Path, input_path: Path, marker: Path):
     before = snapshot(folder)
-    code, out, err = run_cli(registered, argv)
+    code, out, err = run_cli(command_line, argv)
     assert not marker.exists(), "code stored in a checkpoint was executed"
     if case.expect.succeeds:
         assert code == 0, err
@@ -218,49 +202,49 @@ def check_cli_case(registered, case, argv, folder: Path, output: Path, input_pat
         assert len(lines) == 1, err
         assert_clear_message(lines[0], case.expect)
         assert_nothing_lost(folder, before)
-        assert_error_class(raised_by_command(registered, argv), case.expect)
+        assert_error_class(raised_by_command(command_line, argv), case.expect)
         assert_nothing_lost(folder, before)
         assert not marker.exists(), "code stored in a checkpoint was executed"
 
 
 @pytest.mark.parametrize("name", cases_of("image"))
-def test_cli_image_case(name, corpus, corpus_root, registered_cli, output_folder, valid_checkpoint):
+def test_cli_image_case(name, corpus, corpus_root, command_line, output_folder, valid_checkpoint):
     case = corpus[name]
     output = output_folder / "result.nrrd"  # exists: --overwrite must not cost it on failure
     argv = ["segment", case.path, "--output", output, "--model", valid_checkpoint, "--device", "cpu", "--quiet",
             "--overwrite"]
-    check_cli_case(registered_cli, case, argv, output_folder, output, case.path, make_corpus.code_marker(corpus_root))
+    check_cli_case(command_line, case, argv, output_folder, output, case.path, make_corpus.code_marker(corpus_root))
     TRIED["CLI"].add(name)
 
 
 @pytest.mark.parametrize("name", cases_of("checkpoint"))
-def test_cli_checkpoint_case(name, corpus, corpus_root, registered_cli, output_folder, valid_image):
+def test_cli_checkpoint_case(name, corpus, corpus_root, command_line, output_folder, valid_image):
     case = corpus[name]
     output = output_folder / "result.nrrd"
     argv = ["segment", valid_image, "--output", output, "--model", case.path, "--device", "cpu", "--quiet",
             "--overwrite"]
-    check_cli_case(registered_cli, case, argv, output_folder, output, valid_image,
+    check_cli_case(command_line, case, argv, output_folder, output, valid_image,
                    make_corpus.code_marker(corpus_root))
     TRIED["CLI"].add(name)
 
 
 @pytest.mark.parametrize("name", cases_of("dataset"))
-def test_cli_training_case(name, corpus, corpus_root, registered_cli, output_folder):
+def test_cli_training_case(name, corpus, corpus_root, command_line, output_folder):
     case = corpus[name]
     output = output_folder / "model.pt"  # an earlier model the failed training must not replace
     argv = ["train", case.path, "--output", output, "--features", "4", "--levels", "2", "--patch-size", "8", "8",
             "8", "--batch-size", "2", "--epochs", "1", "--iterations", "1", "--folds", "2", "--no-augment",
             "--device", "cpu", "--quiet", "--overwrite"]
-    check_cli_case(registered_cli, case, argv, output_folder, output, case.path, make_corpus.code_marker(corpus_root))
+    check_cli_case(command_line, case, argv, output_folder, output, case.path, make_corpus.code_marker(corpus_root))
     TRIED["CLI"].add(name)
 
 
-def _larger_image(path: Path, shape=(24, 28, 26)) -> Path:
+def _larger_image(path: Path, shape=LARGER_SHAPE) -> Path:
     sitk.WriteImage(make_corpus.phantom_image(shape), str(path), True)
     return path
 
 
-def test_cli_cancel_in_the_middle_writes_nothing(registered_cli, output_folder, valid_checkpoint, tmp_path,
+def test_cli_cancel_in_the_middle_writes_nothing(command_line, output_folder, valid_checkpoint, tmp_path,
                                                   monkeypatch):
     """Ctrl+C (SIGINT) during inference: the engine stops between patches; nothing is written."""
     from UNetSegmentLib.commands import segment as segment_command
@@ -277,22 +261,22 @@ def test_cli_cancel_in_the_middle_writes_nothing(registered_cli, output_folder, 
     before = snapshot(output_folder)
     argv = ["segment", image, "--output", output_folder / "result.nrrd", "--model", valid_checkpoint,
             "--device", "cpu", "--overwrite", "--overlap", "0.75"]  # 48 windows: several batches
-    code, _, err = run_cli(registered_cli, argv)
+    code, _, err = run_cli(command_line, argv)
     assert code == 2 and "error: " in err and "cancel" in err.lower(), err
     assert 1 <= len(reports) and reports[0].done < reports[0].total, "cancel must land in the middle of the run"
     assert_nothing_lost(output_folder, before)
     TRIED["CLI"].add("cancel")
 
 
-def test_cli_refuses_to_overwrite_without_flag(registered_cli, output_folder, valid_checkpoint, valid_image):
+def test_cli_refuses_to_overwrite_without_flag(command_line, output_folder, valid_checkpoint, valid_image):
     before = snapshot(output_folder)
     argv = ["segment", valid_image, "--output", output_folder / "result.nrrd", "--model", valid_checkpoint,
             "--device", "cpu", "--quiet"]
-    code, _, err = run_cli(registered_cli, argv)
+    code, _, err = run_cli(command_line, argv)
     expect = make_corpus.Expect("InputError", ("already exists", "--overwrite"))
     assert code == 2
     assert_clear_message(err.strip().splitlines()[-1], expect)
-    assert_error_class(raised_by_command(registered_cli, argv), expect)
+    assert_error_class(raised_by_command(command_line, argv), expect)
     assert_nothing_lost(output_folder, before)
     TRIED["CLI"].add("existing_output")
 
@@ -301,23 +285,23 @@ def test_cli_refuses_to_overwrite_without_flag(registered_cli, output_folder, va
     ("output_not_an_image_name", "result.txt", ("not an image file name",)),
     ("output_is_a_folder", "subfolder.nrrd", ("folder",)),
 ])
-def test_cli_bad_output_path(name, output_name, words, registered_cli, output_folder, valid_checkpoint,
+def test_cli_bad_output_path(name, output_name, words, command_line, output_folder, valid_checkpoint,
                              valid_image):
     if name == "output_is_a_folder":
         (output_folder / output_name).mkdir()
     before = snapshot(output_folder)
     argv = ["segment", valid_image, "--output", output_folder / output_name, "--model", valid_checkpoint,
             "--device", "cpu", "--quiet", "--overwrite"]
-    code, _, err = run_cli(registered_cli, argv)
+    code, _, err = run_cli(command_line, argv)
     assert code == 2, err
     expect = make_corpus.Expect("InputError", words)
     assert_clear_message(err.strip().splitlines()[-1], expect)
-    assert_error_class(raised_by_command(registered_cli, argv), expect)
+    assert_error_class(raised_by_command(command_line, argv), expect)
     assert_nothing_lost(output_folder, before)
     TRIED["CLI"].add(name)
 
 
-def test_cli_unavailable_gpu_is_a_clear_device_error(registered_cli, output_folder, valid_checkpoint,
+def test_cli_unavailable_gpu_is_a_clear_device_error(command_line, output_folder, valid_checkpoint,
                                                       valid_image):
     import torch
 
@@ -326,23 +310,20 @@ def test_cli_unavailable_gpu_is_a_clear_device_error(registered_cli, output_fold
     before = snapshot(output_folder)
     argv = ["segment", valid_image, "--output", output_folder / "result.nrrd", "--model", valid_checkpoint,
             "--device", "cuda", "--quiet", "--overwrite"]
-    code, _, err = run_cli(registered_cli, argv)
+    code, _, err = run_cli(command_line, argv)
     expect = make_corpus.Expect("DeviceError", ("CUDA", "cpu"))
     assert code == 2
     assert_clear_message(err.strip().splitlines()[-1], expect)
-    assert_error_class(raised_by_command(registered_cli, argv), expect)
+    assert_error_class(raised_by_command(command_line, argv), expect)
     assert_nothing_lost(output_folder, before)
     TRIED["CLI"].add("unavailable_gpu")
 
 
 def _subprocess_cli(argv: list) -> subprocess.CompletedProcess:
-    """The real process: `python -m UNetSegmentLib ...` (registering the commands if the lead has not yet)."""
-    code = ("import sys\nfrom UNetSegmentLib import cli\n"
-            f"for name, entry in {CLI_COMMANDS!r}.items():\n    cli.COMMANDS.setdefault(name, entry)\n"
-            "sys.exit(cli.main(sys.argv[1:]))\n")
+    """The real process, as the user starts it: `python -m UNetSegmentLib ...`."""
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-c", code, *[str(arg) for arg in argv]], capture_output=True,
-                          text=True, timeout=300, cwd=str(REPO_ROOT), env=environment)
+    return subprocess.run([sys.executable, "-m", "UNetSegmentLib", *[str(arg) for arg in argv]],
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO_ROOT), env=environment)
 
 
 @pytest.mark.parametrize("name,kind", [("truncated_nifti_gz", "image"), ("ckpt_executes_code", "checkpoint")])
@@ -360,14 +341,16 @@ def test_real_process_exit_code_and_message(name, kind, corpus, corpus_root, out
     assert not make_corpus.code_marker(corpus_root).exists()
 
 
-def test_unsafe_loading_of_the_code_checkpoint_would_really_run_code(corpus, tmp_path):
-    """Proves the corpus file is a real attack: only weights_only=True keeps it from running."""
+def test_unsafe_loading_of_the_code_checkpoint_would_really_run_code(tmp_path):
+    """The corpus's code-running pickle is a real attack: only weights_only=True keeps it from running."""
+    import pickle
+
     import torch
 
     marker = tmp_path / "ran.txt"
     attack = tmp_path / "attack.pt"
-    torch.save({"metadata": make_corpus._RunsCodeWhenUnpickled(marker)}, attack)
-    with pytest.raises(Exception):
+    torch.save({"metadata": make_corpus.RunsCodeWhenUnpickled(marker)}, attack)
+    with pytest.raises(pickle.UnpicklingError):
         torch.load(attack, weights_only=True)
     assert not marker.exists()
     torch.load(attack, weights_only=False)  # what a careless loader would do
@@ -377,65 +360,44 @@ def test_unsafe_loading_of_the_code_checkpoint_would_really_run_code(corpus, tmp
 # --- out of memory ------------------------------------------------------------------------------------
 
 
-LARGER_SHAPE = (24, 28, 26)  # (z, y, x): several 16^3 windows at 1 mm, the tiny model's spacing
-
-
-def _tight_budget_mb(valid_checkpoint) -> tuple[float, int]:
-    """A budget just below what the automatic batch needs (but enough for a smaller one): (MB, batch).
-
-    Found with the engine's own planner (cheap: no inference), so the test follows its estimates.
-    """
-    import torch
-
-    from UNetSegmentLib.checkpoint import load_checkpoint
-    from UNetSegmentLib.inference.sliding_window import InferenceOptions, _plans
-
-    network = load_checkpoint(valid_checkpoint, device="cpu").network
-    volume = torch.zeros((1,) + LARGER_SHAPE)
-    options = dict(patch_size=make_corpus.PATCH_SIZE, overlap=0.5, device="cpu", output="probabilities",
-                   return_probabilities=True)
-    automatic = _plans(network, volume, InferenceOptions(**options))[0].batch_size
-    assert automatic > 2, "the automatic CPU batch leaves no smaller batch to fall back to"
-    low, high = 1e-3, 1e5  # MB; bisect on a log scale for the smallest budget that keeps the batch
-    for _ in range(40):
-        middle = (low * high) ** 0.5
-        try:
-            keeps = _plans(network, volume, InferenceOptions(**options, memory_budget_mb=middle))[0].batch_size \
-                == automatic
-        except errors.OutOfMemoryError:
-            keeps = False
-        low, high = (low, middle) if keeps else (middle, high)
-    return low, automatic
-
-
-def test_small_memory_budget_takes_a_smaller_batch_and_reports_it(valid_checkpoint, registered_cli,
-                                                                 output_folder, tmp_path):
-    """'Huge volume beyond the budget': a small volume with a smaller budget; the run steps down, says so."""
+def _minimum_budget_mb(image: sitk.Image, checkpoint: Path) -> float:
+    """The smallest budget the engine says it needs, read from its OutOfMemoryError for a 1 KB budget."""
     from UNetSegmentLib.pipeline import segment_image
 
-    budget, automatic = _tight_budget_mb(valid_checkpoint)
-    image = make_corpus.phantom_image(LARGER_SHAPE)
-    roomy = segment_image(image, valid_checkpoint, device="cpu")
-    tight = segment_image(image, valid_checkpoint, device="cpu", memory_budget_mb=budget)
-    notes = tight.stats.get("fallbacks") or []
-    assert any(f"batch size {automatic} ->" in note for note in notes), notes
-    assert not any("batch size" in note for note in roomy.stats.get("fallbacks") or [])
-    agreement = np.mean(sitk.GetArrayFromImage(tight.labelmap) == sitk.GetArrayFromImage(roomy.labelmap))
-    assert agreement > 0.999, agreement  # same windows and weights: only float rounding may differ
+    with pytest.raises(errors.OutOfMemoryError) as raised:
+        segment_image(image, checkpoint, device="cpu", memory_budget_mb=0.001)
+    found = re.search(r"needs at least ([0-9.]+) MB", str(raised.value))
+    assert found, f"the error gives no figure to act on: {raised.value}"
+    return float(found.group(1)) * 1.05  # the figure is rounded to 3 significant digits
 
-    path = _larger_image(tmp_path / "larger.nrrd", LARGER_SHAPE)
+
+def test_small_memory_budget_takes_a_smaller_batch_and_reports_it(valid_checkpoint, command_line,
+                                                                 output_folder, tmp_path):
+    """'Huge volume beyond the budget': a small volume with a smaller budget; the run steps down, says so."""
+    from UNetSegmentLib.io import read_image
+    from UNetSegmentLib.pipeline import segment_image
+
+    path = _larger_image(tmp_path / "larger.nrrd", (20, 24, 22))
+    budget = _minimum_budget_mb(read_image(path), valid_checkpoint)  # the figure the error says is enough
+    roomy = segment_image(read_image(path), valid_checkpoint, device="cpu")
+    assert not any("batch size" in note for note in roomy.stats.get("fallbacks") or [])
     before = snapshot(output_folder)
-    code, out, err = run_cli(registered_cli, ["segment", path, "--output", output_folder / "result.nrrd", "--model",
-                                              valid_checkpoint, "--device", "cpu", "--quiet", "--overwrite",
-                                              "--memory-budget-mb", budget])
+    code, _, err = run_cli(command_line, ["segment", path, "--output", output_folder / "result.nrrd", "--model",
+                                            valid_checkpoint, "--device", "cpu", "--quiet", "--overwrite",
+                                            "--memory-budget-mb", budget])
     assert code == 0, err
-    assert f"batch size {automatic} ->" in err, err  # the fallback is reported to the user
+    reported = re.search(r"note: batch size (\d+) -> (\d+) to fit memory", err)  # told to the user
+    assert reported, err
+    assert int(reported.group(1)) == roomy.stats["batch_size"] > int(reported.group(2)) > 0, (err, roomy.stats)
     assert_nothing_lost(output_folder, before, changed={"result.nrrd"})
     assert_labelmap_on_grid(output_folder / "result.nrrd", path)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(output_folder / "result.nrrd")))
+    agreement = np.mean(written == sitk.GetArrayFromImage(roomy.labelmap))
+    assert agreement > 0.999, agreement  # same windows and weights: only float rounding may differ
     TRIED["CLI"].add("memory_budget_fallback")
 
 
-def test_impossible_memory_budget_is_a_clear_out_of_memory_error(valid_checkpoint, registered_cli,
+def test_impossible_memory_budget_is_a_clear_out_of_memory_error(valid_checkpoint, command_line,
                                                                  output_folder, valid_image):
     from UNetSegmentLib.pipeline import segment_image
 
@@ -447,10 +409,10 @@ def test_impossible_memory_budget_is_a_clear_out_of_memory_error(valid_checkpoin
     before = snapshot(output_folder)
     argv = ["segment", valid_image, "--output", output_folder / "result.nrrd", "--model", valid_checkpoint,
             "--device", "cpu", "--quiet", "--overwrite", "--memory-budget-mb", "0.001"]
-    code, _, err = run_cli(registered_cli, argv)
+    code, _, err = run_cli(command_line, argv)
     assert code == 2, err
     assert_clear_message(err.strip().splitlines()[-1], expect)
-    assert_error_class(raised_by_command(registered_cli, argv), expect)
+    assert_error_class(raised_by_command(command_line, argv), expect)
     assert_nothing_lost(output_folder, before)
     TRIED["CLI"].add("memory_budget_impossible")
 
@@ -464,25 +426,32 @@ def test_out_of_memory_in_the_middle_falls_back_and_reports_it(valid_checkpoint)
 
     loaded = load_checkpoint(valid_checkpoint, device="cpu")
 
-    class RunsOutOfMemoryOnLargeBatches(torch.nn.Module):
+    class RunsOutOfMemoryOnce(torch.nn.Module):
+        """Fails on the second batch of patches: after the run has accumulated part of its result."""
+
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
             self.out_channels = getattr(inner, "out_channels", 3)
-            self.large_batches = 0
+            self.batches = 0
+            self.failed_batch_size = None
 
         def forward(self, batch):
-            if batch.shape[0] > 2:
-                self.large_batches += 1
-                if self.large_batches > 1:  # the first large batch succeeds: the failure is mid-run
+            if batch.shape[0] > 1:  # patches (the engine's memory probe is a single input)
+                self.batches += 1
+                if self.batches == 2:
+                    self.failed_batch_size = self.largest
                     raise torch.OutOfMemoryError("simulated: out of memory while computing a batch")
+                self.largest = batch.shape[0]
             return self.inner(batch)
 
-    flaky = RunsOutOfMemoryOnLargeBatches(loaded.network).eval()
-    image = make_corpus.phantom_image((24, 36, 36))  # 32 windows: two full batches of the automatic 16
+    flaky = RunsOutOfMemoryOnce(loaded.network).eval()
+    image = make_corpus.phantom_image(LARGER_SHAPE)  # 18 windows: more than one batch
     result = segment_image(image, LoadedModel(flaky, loaded.metadata, loaded.path), device="cpu")
     notes = result.stats.get("fallbacks") or []
-    assert flaky.large_batches > 1 and any("ran out of memory" in note for note in notes), notes
+    assert flaky.failed_batch_size, "the simulated failure never happened: the run used a single batch"
+    assert any(f"batch {flaky.failed_batch_size} ran out of memory" in note for note in notes), notes
+    assert result.stats["batch_size"] < flaky.failed_batch_size, result.stats
     reference = segment_image(image, loaded, device="cpu")
     agreement = np.mean(sitk.GetArrayFromImage(result.labelmap) == sitk.GetArrayFromImage(reference.labelmap))
     assert agreement > 0.999, agreement  # the failed plan's partial sums were not mixed in
@@ -648,7 +617,7 @@ def test_logic_cancel_in_the_middle_changes_nothing(module, scene, valid_checkpo
         self.cancel()
 
     monkeypatch.setattr(module.SegmentationJob, "_onProgress", cancel_on_first_report)
-    volume = _volume_from_image(module, make_corpus.phantom_image((24, 28, 26)))
+    volume = _volume_from_image(module, make_corpus.phantom_image(LARGER_SHAPE))
     _run_logic_case(module, scene, volume, valid_checkpoint, E("Cancelled", ("cancel",)), overlap=0.75)
     assert reports and reports[0].done < reports[0].total, "cancel must land in the middle of the run"
     TRIED["Logic"].add("cancel")

@@ -189,8 +189,11 @@ def test_auto_mode_picks_whole_only_for_equivalent_networks_within_budget():
 
 def test_network_left_in_its_training_mode():
     network = TinyConvNet(norm=nn.BatchNorm3d).train()
-    sliding_window_inference(network, random_image((1, 8, 8, 8)), InferenceOptions(patch_size=(8, 8, 8)))
+    statistics = [tensor.clone() for tensor in network.body[1].buffers()]
+    sliding_window_inference(network, random_image((1, 8, 8, 8)) + 3, InferenceOptions(patch_size=(8, 8, 8)))
     assert network.training
+    for before, after in zip(statistics, network.body[1].buffers()):  # ran in eval: statistics untouched
+        torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
 class FailsAboveBatch(TinyConvNet):

@@ -152,6 +152,8 @@ def test_all_patches_without_coarse_branch_equals_project_sliding_window():
     model = make_model(patch=(8, 8, 8))
     result = topk_inference(model, image, k=10 ** 6, use_coarse=False)
     options = engine.InferenceOptions(patch_size=(8, 8, 8), overlap=0.5)
+    if hasattr(options, "output"):
+        options.output = "logits"  # the engine keeps only labels unless asked
     expected = engine.sliding_window_inference(model.backbone.inner, image, options)
     np.testing.assert_allclose(np.asarray(result.logits), np.asarray(expected.logits), atol=1e-5, rtol=0)
 
@@ -299,5 +301,85 @@ def test_train_topk_writes_a_topk_checkpoint_from_a_dataset_folder(tmp_path):
     image = np.random.default_rng(0).normal(size=(1, 20, 24, 28)).astype(np.float32)
     segmented = topk_inference(loaded.network, image, k=1)
     assert segmented.stats["patches_evaluated"] == 1 and segmented.labels.shape == (20, 24, 28)
+    assert result.metadata.training["training_mode"] == "staged"
     register()
     assert training.EXTERNAL_TRAINERS["topk"] is train_topk
+    config.overwrite = True
+    with pytest.raises(InputError, match="training_mode"):
+        train_topk(config, settings={"training_mode": "joint"})
+
+
+# --- staged training and inference speed-ups ------------------------------------------------------
+
+def test_patch_batches_leave_no_batch_of_one_and_inference_uses_them():
+    from UNetSegmentLib.topk.model import patch_batches
+
+    assert patch_batches(range(5), 2) == [[0, 1, 2], [3, 4]]
+    assert patch_batches(range(1), 4) == [[0]]
+    assert sum(patch_batches(range(11), 4), []) == list(range(11))
+    image, _ = phantom()
+    model = make_model(k=5)
+    topk_inference(model, image, k=5, patch_batch_size=2)
+    assert model.backbone.patches == 5 and model.backbone.calls == 2
+
+
+def test_blend_into_equals_whole_volume_blend():
+    model = make_model()
+    full = (16, 20, 20)
+    starts = [(0, 0, 0), (4, 8, 4), (8, 12, 12)]
+    generator = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(LABELS, 8, 8, 8, generator=generator) for _ in starts]
+    fallback = torch.randn(LABELS, *full, generator=generator)
+    expected, covered = model.blend(outputs, starts, full, fallback)
+    result, covered_voxels = model.blend_into(outputs, starts, fallback.clone())
+    assert torch.allclose(result, expected, atol=1e-6)
+    assert covered_voxels == int(covered.sum())
+
+
+def test_channel_argmax_matches_torch_argmax_including_ties():
+    from UNetSegmentLib.topk.inference import channel_argmax
+
+    logits = torch.randn(4, 6, 7, 5, generator=torch.Generator().manual_seed(0))
+    logits[2, :3] = logits[1, :3]  # ties go to the first channel, like argmax
+    assert torch.equal(channel_argmax(logits).long(), logits.argmax(dim=0))
+
+
+def test_staged_training_trains_each_stage_and_freezes_the_backbone_after_stage_one():
+    from UNetSegmentLib.topk.staged import fit_topk_staged
+
+    image, label = phantom()
+    model = make_model(k=2)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fit = fit_topk_staged(model, [(image, label)], backbone_steps=0, global_steps=8, finetune_steps=2,
+                          learning_rate=1e-2, seed=0)
+    assert (fit.backbone.steps, fit.global_branch.steps, fit.finetune.steps) == (0, 8, 2)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert not any(name.startswith("backbone.") for name in changed)
+    for part in ("global_network.", "scorer.", "refiner."):  # refiner is trained only by the Gumbel stage
+        assert any(name.startswith(part) for name in changed), part
+    assert all(p.requires_grad for p in model.parameters())
+    assert np.mean(fit.global_branch.losses[-3:]) < np.mean(fit.global_branch.losses[:3])
+
+    fit = fit_topk_staged(model, [(image, label)], backbone_steps=3, global_steps=0, finetune_steps=0,
+                          batch_size=2, seed=0)
+    assert fit.backbone.steps == 3
+    assert not torch.equal(model.backbone.inner.body[0].weight, before["backbone.inner.body.0.weight"])
+    with pytest.raises(InputError, match="global_steps"):
+        fit_topk_staged(model, [(image, label)], backbone_steps=0, global_steps=-1, finetune_steps=0)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        fit_topk_staged(model, [(image, label)], backbone_steps=1, global_steps=1, finetune_steps=1, cancel=token)
+
+
+def test_batch_of_one_is_run_as_two_on_cpu_without_changing_the_result():
+    from UNetSegmentLib.topk.model import run_avoiding_batch_of_one
+
+    network = CountingNet(TinyNet()).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        output = run_avoiding_batch_of_one(network, x)
+        assert network.patches == 2 and output.shape == (1, LABELS, 8, 8, 8)
+        assert torch.allclose(output, network.inner(x), atol=1e-6)
+    run_avoiding_batch_of_one(network, x)  # gradients wanted: run as given
+    assert network.patches == 3

@@ -77,6 +77,8 @@ def _first_line(error: Exception) -> str:
     lines = [line for line in lines if not line.startswith("Exception thrown in SimpleITK")] or lines
     text = " ".join(lines)
     text = re.sub(r"(sitk::|ITK )ERROR: (\w+\(0x[0-9a-fA-F]+\): )?", "", text)
+    if "[nrrd]" in text:  # teem chains every caller; only its last link says what is wrong
+        text = text.rsplit("[nrrd]", 1)[-1].split(": ", 1)[-1].strip() or text
     return (text or type(error).__name__)[:300]
 
 

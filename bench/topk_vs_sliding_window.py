@@ -2,19 +2,28 @@
 
 No real labelled data ships with the project, so both models train and are tested on the synthetic
 CT phantom (UNetSegmentLib.phantom: liver, spleen, kidneys among organ-like distractors). Both use
-the same backbone (architecture, width, depth, patch size) and the same wall-clock training budget.
-Reported side by side: Dice per label, CPU wall time and FLOPs of whole-volume inference.
+the same backbone (architecture, width, depth, patch size).
 
-    python bench/topk_vs_sliding_window.py            # full run (~10-15 min on 2 idle cores)
+Budget rule: the same number of backbone patch-updates. Top-k is trained in stages
+(UNetSegmentLib.topk.staged); its stage 1 is exactly the sliding-window backbone's training (same
+function, sampler, loss, seed, batch size, --budget-s seconds), so it is run once and copied. Top-k
+then spends --extra-s more seconds on its global branch + scorer and a Gumbel top-k fine-tune with
+the backbone frozen; both figures are printed.
+
+Reported side by side: Dice per label for several inference k, CPU wall time per volume and FLOPs
+of whole-volume inference (both at the same patch batch size, the fastest for this backbone).
+
+    python bench/topk_vs_sliding_window.py            # full run (~10 min on 2 idle cores)
     python bench/topk_vs_sliding_window.py --quick    # smoke run (~1-2 min)
 
-The last line is machine-readable:
+The last line is machine-readable (for the default inference k, --infer-k):
     sw_s=... topk_s=... speedup=... sw_dice=... topk_dice=... dice_drop=...
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -26,13 +35,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from UNetSegmentLib.losses import DiceCELoss  # noqa: E402
 from UNetSegmentLib.networks import build_network  # noqa: E402
 from UNetSegmentLib.phantom import FIELD_OF_VIEW_MM, LABEL_NAMES, make_case  # noqa: E402
-from UNetSegmentLib.sampling import ForegroundPatchSampler  # noqa: E402
 from UNetSegmentLib.topk.inference import topk_inference  # noqa: E402
 from UNetSegmentLib.topk.model import TopKSegmenter, TopKSettings  # noqa: E402
-from UNetSegmentLib.topk.training import fit_topk  # noqa: E402
+from UNetSegmentLib.topk.staged import fit_topk_staged, train_backbone_on_patches  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,24 +48,31 @@ def parse_args(argv=None):
     parser.add_argument("--shape", type=int, nargs=3, default=[96, 128, 128], help="volume size z y x")
     parser.add_argument("--patch", type=int, nargs=3, default=[32, 32, 32])
     parser.add_argument("--coarse", type=int, nargs=3, default=[32, 40, 40], help="global branch input size")
-    parser.add_argument("--k", type=int, default=5, help="patches chosen per training step")
-    parser.add_argument("--infer-k", type=int, default=None, help="patches at inference (default: --k)")
+    parser.add_argument("--k", type=int, default=5, help="patches chosen per fine-tune step")
+    parser.add_argument("--infer-k", type=int, default=20, help="patches at inference for the last line")
+    parser.add_argument("--k-values", type=int, nargs="+", default=[5, 10, 20, 40],
+                        help="inference k values reported in the table")
     parser.add_argument("--features", type=int, default=8, help="backbone base width")
     parser.add_argument("--levels", type=int, default=3, help="backbone depth")
     parser.add_argument("--train-cases", type=int, default=6)
     parser.add_argument("--test-cases", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per model")
-    parser.add_argument("--sw-batch", type=int, default=2, help="patches per SW training step")
+    parser.add_argument("--budget-s", type=float, default=240.0,
+                        help="backbone training seconds (SW model = top-k stage 1)")
+    parser.add_argument("--extra-s", type=float, default=60.0,
+                        help="top-k stages 2+3 seconds (global branch + scorer, then fine-tune)")
+    parser.add_argument("--finetune-share", type=float, default=0.4, help="share of --extra-s for stage 3")
+    parser.add_argument("--sw-batch", type=int, default=4,
+                        help="patches per backbone training step (batch 2 hits slow conv3d backward paths here)")
     parser.add_argument("--infer-batch", type=int, default=0,
                         help="patches per batch in SW inference (0: the fastest of 1, 2, 4, 8)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write all figures to this JSON file")
     args = parser.parse_args(argv)
-    args.infer_k = args.k if args.infer_k is None else args.infer_k
     if args.quick:
         args.shape, args.patch, args.coarse = [64, 80, 80], [32, 32, 32], [24, 32, 32]
-        args.train_cases, args.test_cases, args.budget_s = 2, 1, 20.0
+        args.train_cases, args.test_cases, args.budget_s, args.extra_s = 2, 1, 20.0, 10.0
+        args.k_values, args.infer_k = [2, 5], 5
     return args
 
 
@@ -80,26 +94,6 @@ def ct_normaliser(cases):
     clipped = np.clip(foreground, low, high)
     mean, std = float(clipped.mean()), float(clipped.std())
     return lambda image: ((np.clip(image, low, high) - mean) / std).astype(np.float32)[None]
-
-
-def train_sliding_window_backbone(network, cases, patch, batch, budget_s, lr, seed):
-    sampler = ForegroundPatchSampler(cases, patch, seed=seed)
-    loss_function = DiceCELoss()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-5)
-    network.train()
-    started, steps = time.perf_counter(), 0
-    while time.perf_counter() - started < budget_s:
-        images, labels = sampler.sample_batch(batch)
-        logits = network(torch.from_numpy(images))
-        if isinstance(logits, (list, tuple)):
-            logits = logits[0]
-        loss = loss_function(logits, torch.from_numpy(labels))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        steps += 1
-    network.eval()
-    return steps, time.perf_counter() - started
 
 
 def sliding_window_predict(network, image, patch, batch):
@@ -154,9 +148,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     labels = [v for v in sorted(LABEL_NAMES) if v != 0]
     out_channels = len(LABEL_NAMES)
+    k_values = sorted(set(args.k_values) | {args.infer_k})
     print(f"[bench] torch {torch.__version__}, {torch.get_num_threads()} threads; volume {args.shape}, "
-          f"patch {args.patch}, coarse {args.coarse}, k={args.k} (inference {args.infer_k}), "
-          f"budget {args.budget_s:.0f}s per model", flush=True)
+          f"patch {args.patch}, coarse {args.coarse}, k={args.k} (training), inference k {k_values} "
+          f"(default {args.infer_k}), backbone budget {args.budget_s:.0f}s, top-k extra {args.extra_s:.0f}s",
+          flush=True)
     started = time.perf_counter()
     train_raw = phantom_cases(args.train_cases, 1000 + args.seed, args.shape)
     test_raw = phantom_cases(args.test_cases, 5000 + args.seed, args.shape)
@@ -166,80 +162,100 @@ def main(argv=None):
     print(f"[bench] {len(train)} train / {len(test)} test phantom volumes in "
           f"{time.perf_counter() - started:.1f}s", flush=True)
 
+    # Budget rule: both models get the same backbone patch-updates. Stage 1 of staged top-k training
+    # *is* the sliding-window backbone's training (same function, sampler, loss, seed, steps), so it is
+    # run once and copied; top-k then spends `extra_s` on its global branch, scorer and fine-tune.
     backbone_kwargs = {"features": args.features, "levels": args.levels}
     torch.manual_seed(args.seed)
     sw_network = build_network("unet", 3, 1, out_channels, **backbone_kwargs)
-    sw_steps, sw_train_s = train_sliding_window_backbone(sw_network, train, args.patch, args.sw_batch,
-                                                         args.budget_s, args.lr, args.seed)
-    print(f"[bench] sliding-window backbone: {sw_steps} steps x {args.sw_batch} patches in {sw_train_s:.0f}s",
-          flush=True)
+    backbone_fit = train_backbone_on_patches(sw_network, train, args.patch, steps=10 ** 9, batch_size=args.sw_batch,
+                                             learning_rate=args.lr, seed=args.seed, time_budget_s=args.budget_s)
+    print(f"[bench] backbone (shared by SW and top-k stage 1): {backbone_fit.steps} steps x {args.sw_batch} "
+          f"patches in {backbone_fit.seconds:.0f}s", flush=True)
 
     torch.manual_seed(args.seed)
     settings = TopKSettings(k=args.k, patch_size=list(args.patch), coarse_size=list(args.coarse),
                             global_kwargs={"features": 8, "levels": 3})
-    topk_model = TopKSegmenter(build_network("unet", 3, 1, out_channels, **backbone_kwargs),
+    topk_model = TopKSegmenter(copy.deepcopy(sw_network),
                                build_network("unet", 3, 1, out_channels, **settings.global_kwargs),
                                settings, 3, 1, out_channels)
-    fit = fit_topk(topk_model, train, steps=10 ** 9, learning_rate=args.lr, seed=args.seed,
-                   time_budget_s=args.budget_s, log_every=25)
-    print(f"[bench] top-k model: {fit.steps} steps x ({args.k} + {settings.random_patches}) patches "
-          f"in {fit.seconds:.0f}s", flush=True)
+    fit = fit_topk_staged(topk_model, train, backbone_steps=0, global_steps=10 ** 9, finetune_steps=10 ** 9,
+                          learning_rate=args.lr, seed=args.seed, flip_axes=(),
+                          time_budgets_s=(None, args.extra_s * (1 - args.finetune_share),
+                                          args.extra_s * args.finetune_share))
+    print(f"[bench] top-k stages 2+3: global branch + scorer {fit.global_branch.steps} steps in "
+          f"{fit.global_branch.seconds:.0f}s, Gumbel top-k fine-tune (backbone frozen) {fit.finetune.steps} steps "
+          f"in {fit.finetune.seconds:.0f}s", flush=True)
 
     if args.infer_batch <= 0:
         args.infer_batch, timings = fastest_batch(sw_network, args.patch)
-        print(f"[bench] SW inference batch {args.infer_batch} (s/patch by batch: "
+        print(f"[bench] inference batch {args.infer_batch} for both (s/patch by batch: "
               f"{ {b: round(t, 3) for b, t in timings.items()} })", flush=True)
     # warm-up (allocator, thread pool) so neither method pays first-call costs in the timing
     sliding_window_predict(sw_network, test[0][0][:, :args.patch[0], :args.patch[1], :args.patch[2]],
                            args.patch, args.infer_batch)
-    topk_inference(topk_model, test[0][0], k=args.infer_k, patch_batch_size=args.infer_k)
+    topk_inference(topk_model, test[0][0], k=args.infer_k, patch_batch_size=args.infer_batch)
 
-    rows = {"sw": {"seconds": 0.0, "dice": []}, "topk": {"seconds": 0.0, "dice": []}}
-    coarse_only = []
+    sw_seconds, sw_dice = 0.0, []
+    topk_seconds = {k: 0.0 for k in k_values}
+    topk_dice = {k: [] for k in k_values}
+    topk_stats = {}
     for image, truth in test:
         with torch.no_grad():
             began = time.perf_counter()
             sw = sliding_window_predict(sw_network, image, args.patch, args.infer_batch)
-            rows["sw"]["seconds"] += time.perf_counter() - began
-            began = time.perf_counter()
-            topk = topk_inference(topk_model, image, k=args.infer_k, patch_batch_size=args.infer_k)
-            rows["topk"]["seconds"] += time.perf_counter() - began
-            coarse = topk_inference(topk_model, image, k=1, patch_batch_size=1)
-        rows["sw"]["dice"].append(dice_per_label(np.asarray(sw.labels), truth, labels))
-        rows["topk"]["dice"].append(dice_per_label(np.asarray(topk.labels), truth, labels))
-        coarse_only.append(dice_per_label(np.asarray(coarse.labels), truth, labels))
-        rows["topk"]["stats"] = {key: topk.stats[key] for key in ("patches_evaluated", "candidates", "k",
-                                                                   "covered_fraction")}
+            sw_seconds += time.perf_counter() - began
+            sw_dice.append(dice_per_label(np.asarray(sw.labels), truth, labels))
+            for k in k_values:
+                began = time.perf_counter()
+                topk = topk_inference(topk_model, image, k=k, patch_batch_size=args.infer_batch)
+                topk_seconds[k] += time.perf_counter() - began
+                topk_dice[k].append(dice_per_label(np.asarray(topk.labels), truth, labels))
+                topk_stats[k] = {key: topk.stats[key] for key in ("patches_evaluated", "candidates", "k",
+                                                                  "covered_fraction")}
+        print(f"[bench] test volume done: SW {sw_seconds:.1f}s so far", flush=True)
+
     image = test[0][0]
-    with torch.no_grad():
-        rows["sw"]["flops"] = count_flops(lambda: sliding_window_predict(sw_network, image, args.patch,
-                                                                         args.infer_batch))
-        rows["topk"]["flops"] = count_flops(lambda: topk_inference(topk_model, image, k=args.infer_k,
-                                                                   patch_batch_size=args.infer_k))
+    candidates = topk_stats[args.infer_k]["candidates"]
+    with torch.no_grad():  # SW = every candidate through the backbone; blending has no FLOPs to count
+        sw_flops = candidates * count_flops(lambda: sw_network(torch.zeros(1, 1, *args.patch)))
+        topk_flops = {k: count_flops(lambda: topk_inference(topk_model, image, k=k, patch_batch_size=args.infer_batch))
+                      for k in k_values}
 
     def mean_dice(per_case):
         return {v: float(np.mean([case[v] for case in per_case])) for v in labels}
 
-    sw_label, topk_label, k1_label = mean_dice(rows["sw"]["dice"]), mean_dice(rows["topk"]["dice"]), \
-        mean_dice(coarse_only)
-    print(f"\n{'label':<10}{'SW Dice':>10}{'top-k Dice':>12}{'k=1 Dice':>10}")
+    sw_label = mean_dice(sw_dice)
+    topk_label = {k: mean_dice(topk_dice[k]) for k in k_values}
+    header = "".join(f"{f'top-k k={k}':>12}" for k in k_values)
+    print(f"\n{'label':<10}{'SW':>10}{header}")
     for value in labels:
-        print(f"{LABEL_NAMES[value]:<10}{sw_label[value]:>10.4f}{topk_label[value]:>12.4f}{k1_label[value]:>10.4f}")
-    sw_dice, topk_dice = float(np.mean(list(sw_label.values()))), float(np.mean(list(topk_label.values())))
-    print(f"{'mean':<10}{sw_dice:>10.4f}{topk_dice:>12.4f}{float(np.mean(list(k1_label.values()))):>10.4f}")
-    stats = rows["topk"]["stats"]
-    print(f"\nper volume: SW {rows['sw']['seconds'] / len(test):.2f}s, {stats['candidates']} patches, "
-          f"{rows['sw']['flops'] / 1e9:.1f} GFLOPs | top-k {rows['topk']['seconds'] / len(test):.2f}s, "
-          f"{stats['patches_evaluated']} patches + coarse pass, {rows['topk']['flops'] / 1e9:.1f} GFLOPs "
-          f"({100 * (1 - rows['topk']['flops'] / rows['sw']['flops']):.1f}% fewer), "
-          f"{100 * stats['covered_fraction']:.0f}% of voxels covered by patches")
-    speedup = rows["sw"]["seconds"] / rows["topk"]["seconds"]
-    summary = {"sw_s": rows["sw"]["seconds"], "topk_s": rows["topk"]["seconds"], "speedup": speedup,
-               "sw_dice": sw_dice, "topk_dice": topk_dice, "dice_drop": sw_dice - topk_dice,
-               "sw_gflops": rows["sw"]["flops"] / 1e9, "topk_gflops": rows["topk"]["flops"] / 1e9,
-               "per_label": {LABEL_NAMES[v]: {"sw": sw_label[v], "topk": topk_label[v], "k1": k1_label[v]}
-                             for v in labels},
-               "train": {"sw_steps": sw_steps, "topk_steps": fit.steps, "budget_s": args.budget_s},
+        row = "".join(f"{topk_label[k][value]:>12.4f}" for k in k_values)
+        print(f"{LABEL_NAMES[value]:<10}{sw_label[value]:>10.4f}{row}")
+    sw_mean = float(np.mean(list(sw_label.values())))
+    topk_mean = {k: float(np.mean(list(topk_label[k].values()))) for k in k_values}
+    print(f"{'mean':<10}{sw_mean:>10.4f}" + "".join(f"{topk_mean[k]:>12.4f}" for k in k_values))
+    print(f"{'s/volume':<10}{sw_seconds / len(test):>10.2f}"
+          + "".join(f"{topk_seconds[k] / len(test):>12.2f}" for k in k_values))
+    print(f"{'speedup':<10}{1.0:>10.2f}" + "".join(f"{sw_seconds / topk_seconds[k]:>12.2f}" for k in k_values))
+    print(f"{'GFLOPs':<10}{sw_flops / 1e9:>10.1f}" + "".join(f"{topk_flops[k] / 1e9:>12.1f}" for k in k_values))
+    print(f"{'covered':<10}{1.0:>10.2f}"
+          + "".join(f"{topk_stats[k]['covered_fraction']:>12.2f}" for k in k_values))
+    print(f"\nSW evaluates all {candidates} candidate patches; top-k evaluates k patches + one coarse pass "
+          f"(inference batch {args.infer_batch} for both); default k={args.infer_k}.")
+    k = args.infer_k
+    speedup = sw_seconds / topk_seconds[k]
+    summary = {"sw_s": sw_seconds, "topk_s": topk_seconds[k], "speedup": speedup, "k": k,
+               "sw_dice": sw_mean, "topk_dice": topk_mean[k], "dice_drop": sw_mean - topk_mean[k],
+               "sw_gflops": sw_flops / 1e9, "topk_gflops": topk_flops[k] / 1e9,
+               "per_k": {str(kk): {"seconds": topk_seconds[kk], "dice": topk_mean[kk], "gflops": topk_flops[kk] / 1e9,
+                                   "per_label": {LABEL_NAMES[v]: topk_label[kk][v] for v in labels},
+                                   **topk_stats[kk]} for kk in k_values},
+               "sw_per_label": {LABEL_NAMES[v]: sw_label[v] for v in labels},
+               "train": {"budget_rule": "same backbone patch-updates", "backbone_steps": backbone_fit.steps,
+                         "backbone_s": backbone_fit.seconds, "global_steps": fit.global_branch.steps,
+                         "global_s": fit.global_branch.seconds, "finetune_steps": fit.finetune.steps,
+                         "finetune_s": fit.finetune.seconds},
                "args": vars(args), "total_s": time.perf_counter() - started}
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
@@ -247,7 +263,7 @@ def main(argv=None):
             json.dump(summary, handle, indent=2)
         os.replace(handle.name, args.json)
     print(f"sw_s={summary['sw_s']:.2f} topk_s={summary['topk_s']:.2f} speedup={speedup:.2f} "
-          f"sw_dice={sw_dice:.4f} topk_dice={topk_dice:.4f} dice_drop={sw_dice - topk_dice:.4f}")
+          f"sw_dice={sw_mean:.4f} topk_dice={topk_mean[k]:.4f} dice_drop={sw_mean - topk_mean[k]:.4f}")
     return 0
 
 

@@ -26,6 +26,20 @@ LABELS = [(0, "background", (0.0, 0.0, 0.0)), (1, "liver", (0.9, 0.4, 0.3)), (2,
 PATCH_SIZE = (16, 16, 16)
 SMALL_SHAPE = (10, 14, 12)  # (z, y, x): smaller than one patch along z, so padding is exercised too
 
+# every case by name -> kind, known without writing files (tests parametrise over it at collection)
+CASE_KINDS = {
+    **{name: "image" for name in (
+        "nan_voxels", "inf_voxels", "constant", "zero_size", "zero_size_nrrd", "empty_file", "image_2d", "volume_4d",
+        "multi_component", "anisotropic", "single_slice", "negative_spacing", "zero_spacing", "non_orthogonal",
+        "flipped_axes", "truncated_nrrd", "truncated_nifti_gz", "truncated_nifti", "not_an_image",
+        "not_an_image_type", "dicom_mixed_series")},
+    **{name: "checkpoint" for name in (
+        "ckpt_missing_keys", "ckpt_other_architecture", "ckpt_wrong_label_count", "ckpt_executes_code",
+        "ckpt_truncated", "ckpt_bare_state_dict", "ckpt_unknown_architecture", "ckpt_not_a_model",
+        "ckpt_2d_model")},
+    **{name: "dataset" for name in ("train_label_grid_mismatch", "train_unexpected_label_values")},
+}
+
 
 @dataclass(frozen=True)
 class Expect:
@@ -146,6 +160,10 @@ def make_image_cases(folder: Path) -> list[CorpusCase]:
         _write_raw(folder / "zero_size.mha", "ObjectType = Image\nNDims = 3\nDimSize = 4 4 0\n"
                    "ElementSpacing = 1 1 1\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"),
         Expect("InputError", ("empty",), "is empty (size (4, 4, 0)); pass a volume with voxels"))
+    add("zero_size_nrrd", "zero-size NRRD (header says 4 x 4 x 0)",
+        _write_raw(folder / "zero_size.nrrd", "NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 0\n"
+                   "encoding: raw\nendian: little\n\n"),
+        Expect("ImageReadError", ("size is zero",), "cannot be read as an image (axis 2 size is zero!)"))
     add("empty_file", "0-byte file named .nrrd", _write_raw(folder / "empty_file.nrrd", ""),
         Expect("ImageReadError", ("empty", "0 bytes"), "is empty (0 bytes); re-export it"))
     flat = sitk.GetImageFromArray(phantom_array((1,) + SMALL_SHAPE[1:])[0])
@@ -233,7 +251,7 @@ def make_tiny_checkpoint(path: Path, spatial_dims: int = 3, seed: int = 0) -> Pa
     return save_checkpoint(path, network, metadata, overwrite=True)
 
 
-class _RunsCodeWhenUnpickled:
+class RunsCodeWhenUnpickled:
     """Pickles as a call to exec(): a plain `pickle.load` would write `marker`."""
 
     def __init__(self, marker: Path):
@@ -274,7 +292,7 @@ def make_checkpoint_cases(folder: Path, valid_checkpoint: Path, marker: Path) ->
         save("wrong_label_count.pt", dict(payload, metadata=_metadata(labels=four_labels).to_dict())),
         Expect("CheckpointError", ("labels", "3 classes"), "lists 4 labels but its weights predict 3 classes"))
     add("ckpt_executes_code", "pickle that runs code when loaded",
-        save("executes_code.pt", dict(payload, metadata=_RunsCodeWhenUnpickled(marker))),
+        save("executes_code.pt", dict(payload, metadata=RunsCodeWhenUnpickled(marker))),
         Expect("CheckpointError", ("execute code",), "refused: loading it would execute code; nothing ran"))
     data = Path(valid_checkpoint).read_bytes()
     (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -347,7 +365,7 @@ def make_dataset_cases(folder: Path) -> list[CorpusCase]:
 
 
 def make_corpus(folder, valid_checkpoint: Optional[Path] = None) -> dict[str, CorpusCase]:
-    """Every file case of the corpus, by name; `marker` (folder/'code_ran.txt') must never exist."""
+    """Every file case of the corpus, by name; `code_marker(folder)` must never come to exist."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if valid_checkpoint is None:
@@ -355,7 +373,10 @@ def make_corpus(folder, valid_checkpoint: Optional[Path] = None) -> dict[str, Co
     cases = make_image_cases(folder / "images")
     cases += make_checkpoint_cases(folder / "checkpoints", Path(valid_checkpoint), code_marker(folder))
     cases += make_dataset_cases(folder / "datasets")
-    return {case.name: case for case in cases}
+    made = {case.name: case for case in cases}
+    if {name: case.kind for name, case in made.items()} != CASE_KINDS:
+        raise RuntimeError("make_corpus.CASE_KINDS is out of step with the cases the generator writes.")
+    return made
 
 
 def code_marker(folder) -> Path:

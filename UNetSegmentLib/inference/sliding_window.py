@@ -352,7 +352,7 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, 
             smallest_need = min(smallest_need, sliding_bytes(batches[-1]))
             smallest_budget = min(smallest_budget, budget)
             continue
-        for index, batch in enumerate(fitting):
+        for batch in fitting:
             batch_notes = list(notes)
             if batch != first:
                 batch_notes.append(f"batch size {first} -> {batch} to fit memory")

@@ -142,6 +142,34 @@ def window_sums(volume: torch.Tensor, starts: Sequence[Sequence[int]], sizes: Se
     return total
 
 
+def patch_batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Split into len // batch_size near-equal batches (at least one), so no batch is smaller than
+    `batch_size` when there are enough patches: on CPU a batch of one takes PyTorch's slow conv3d
+    path, e.g. k=5 with batch 2 runs as 3 + 2, not 2 + 2 + 1."""
+    indices = list(indices)
+    count = max(1, len(indices) // max(batch_size, 1))
+    size, extra = divmod(len(indices), count)
+    batches, first = [], 0
+    for number in range(count):
+        last = first + size + (1 if number < extra else 0)
+        batches.append(indices[first:last])
+        first = last
+    return [batch for batch in batches if batch]
+
+
+def run_avoiding_batch_of_one(network: nn.Module, batch: torch.Tensor):
+    """network(batch); a single CPU sample is run as a duplicated batch of two when no gradient is
+    needed. PyTorch sends small batch-1 3D convolutions to its slow native kernel instead of oneDNN;
+    the duplicated batch measured ~1-2x faster in total despite twice the arithmetic (and gives the
+    same numbers, since nothing normalises across the batch in eval mode)."""
+    if batch.shape[0] != 1 or batch.device.type != "cpu" or torch.is_grad_enabled() or network.training:
+        return network(batch)
+    output = network(batch.expand(2, *batch.shape[1:]).contiguous())
+    if isinstance(output, (list, tuple)):
+        return type(output)(item[:1] for item in output)
+    return output[:1]
+
+
 def _conv(spatial_dims: int):
     return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
 
@@ -187,7 +215,7 @@ class TopKSegmenter(nn.Module):
         """(N, C, *S) image -> (coarse image, coarse logits, score map) at `coarse_size`."""
         coarse_image = F.interpolate(image, size=tuple(self.settings.coarse_size),
                                      mode=_interpolation(self.spatial_dims), align_corners=False)
-        coarse_logits = self.global_network(coarse_image)
+        coarse_logits = run_avoiding_batch_of_one(self.global_network, coarse_image)
         if isinstance(coarse_logits, (list, tuple)):  # deep-supervision networks in train mode
             coarse_logits = coarse_logits[0]
         score_map = self.scorer(torch.cat([coarse_logits, coarse_image], dim=1))
@@ -272,7 +300,7 @@ class TopKSegmenter(nn.Module):
     # --- whole-volume inference ---------------------------------------------------------------
     @torch.no_grad()
     def predict(self, image: torch.Tensor, k: Optional[int] = None, use_coarse: bool = True,
-                patch_batch_size: int = 1, tracker=None) -> tuple[torch.Tensor, dict[str, Any]]:
+                patch_batch_size: int = 2, tracker=None) -> tuple[torch.Tensor, dict[str, Any]]:
         """(1, C, *S) image (already at least patch-sized) -> ((C, *S) logits, stats).
 
         Deterministic: plain top-k on the scores, no noise. With use_coarse=False the global branch
@@ -293,10 +321,10 @@ class TopKSegmenter(nn.Module):
         if tracker is not None:
             tracker.total = len(chosen)
         outputs = []
-        for first in range(0, len(chosen), patch_batch_size):
+        for batch in patch_batches(chosen, patch_batch_size):
             if tracker is not None:
                 tracker.check_cancel()
-            batch_starts = [starts[i] for i in chosen[first:first + patch_batch_size]]
+            batch_starts = [starts[i] for i in batch]
             regions = [window_slices(s, self.settings.patch_size) for s in batch_starts]
             patches = torch.stack([image[0][(slice(None), *r)] for r in regions])
             crops = None
@@ -305,11 +333,40 @@ class TopKSegmenter(nn.Module):
             outputs.extend(self.patch_logits(patches, crops).unbind(0))
             if tracker is not None:
                 tracker.advance(len(regions))
-        logits, covered = self.blend(outputs, [starts[i] for i in chosen], full_shape, coarse_up)
+        chosen_starts = [starts[i] for i in chosen]
+        if coarse_up is None:
+            logits, covered = self.blend(outputs, chosen_starts, full_shape, None)
+            covered_voxels = int(covered.sum())
+        else:
+            logits, covered_voxels = self.blend_into(outputs, chosen_starts, coarse_up)
         stats = {"patches_evaluated": len(chosen), "candidates": len(starts), "k": k,
-                 "selected_windows": [list(starts[i]) for i in chosen],
-                 "covered_fraction": float(covered.float().mean()), "used_coarse": use_coarse}
+                 "selected_windows": [list(s) for s in chosen_starts],
+                 "covered_fraction": covered_voxels / math.prod(full_shape), "used_coarse": use_coarse}
         return logits, stats
+
+    def blend_into(self, patch_outputs: Sequence[torch.Tensor], starts: Sequence[Sequence[int]],
+                   base: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Inference-only `blend`: Gaussian-blend the patches into `base` (C, *full; modified in place)
+        inside the bounding box of the windows only, so the per-volume cost does not scale with the
+        whole volume. Returns (base, number of voxels covered by a patch)."""
+        patch = self.settings.patch_size
+        low = [min(s[axis] for s in starts) for axis in range(self.spatial_dims)]
+        high = [max(s[axis] for s in starts) + patch[axis] for axis in range(self.spatial_dims)]
+        box = tuple(slice(a, b) for a, b in zip(low, high))
+        reference = patch_outputs[0]
+        weights = gaussian_importance(patch, self.settings.sigma_scale, reference.device, reference.dtype)
+        total = torch.zeros((self.out_channels, *(b - a for a, b in zip(low, high))), device=reference.device,
+                            dtype=reference.dtype)
+        weight_sum = torch.zeros(total.shape[1:], device=reference.device, dtype=reference.dtype)
+        for output, start in zip(patch_outputs, starts):
+            region = tuple(slice(s - a, s - a + p) for s, a, p in zip(start, low, patch))
+            total[(slice(None), *region)] += output * weights
+            weight_sum[region] += weights
+        covered = weight_sum > 0
+        blended = total / weight_sum.clamp_min(torch.finfo(reference.dtype).tiny)
+        target = base[(slice(None), *box)]
+        target.copy_(torch.where(covered, blended, target))
+        return base, int(covered.sum())
 
 
 def build_topk_model(metadata) -> TopKSegmenter:

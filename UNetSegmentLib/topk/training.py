@@ -180,11 +180,12 @@ def _coarse_size(shapes: Sequence[Sequence[int]], multiple: int, factor: float =
 def train_topk(config: Any, progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                settings: Optional[dict[str, Any]] = None):
     """`python -m UNetSegmentLib train --sampler topk`: the shared dataset loading, fold split and
-    normalisation, then end-to-end top-k training, validation with top-k inference, and a checkpoint
-    whose metadata says sampler="topk" (rebuilt by `build_topk_model`). `settings` overrides
-    TopKSettings fields (k, coarse_size, ...). One whole volume per step, so config.batch_size and
-    deep_supervision do not apply; config.augment enables random mirroring. Returns the shared
-    TrainingResult."""
+    normalisation, then top-k training, validation with top-k inference, and a checkpoint whose
+    metadata says sampler="topk" (rebuilt by `build_topk_model`). `settings` overrides TopKSettings
+    fields (k, coarse_size, ...) and may set training_mode: "staged" (default, see staged.py: the
+    backbone trains on epochs x iterations patch batches like the sliding-window trainer, then the
+    global branch and scorer, then a short Gumbel top-k fine-tune) or "end_to_end" (the paper: one
+    whole volume per step). deep_supervision does not apply. Returns the shared TrainingResult."""
     from .. import training as shared
     from ..checkpoint import save_checkpoint
     from ..metadata import ModelMetadata
@@ -217,6 +218,9 @@ def train_topk(config: Any, progress: ProgressCallback | None = None, cancel: Ca
     backbone_kwargs["deep_supervision"] = False  # the patch loss uses the full-resolution head only
     backbone = build_network(config.architecture, spatial_dims, 1, out_channels, **backbone_kwargs)
     options = dict(settings or {})
+    mode = options.pop("training_mode", "staged")
+    if mode not in ("staged", "end_to_end"):
+        raise InputError(f"Unknown top-k training_mode '{mode}'.", "Use 'staged' (default) or 'end_to_end'.")
     global_kwargs = options.pop("global_kwargs", TopKSettings().global_kwargs)
     global_architecture = options.pop("global_architecture", None)
     global_network = build_network(global_architecture or config.architecture, spatial_dims, 1, out_channels,
@@ -229,9 +233,20 @@ def train_topk(config: Any, progress: ProgressCallback | None = None, cancel: Ca
     model = TopKSegmenter(backbone, global_network, topk_settings, spatial_dims, 1, out_channels)
 
     steps = config.epochs * config.iterations_per_epoch
-    fit = fit_topk(model, [(normalized[i][None], cases[i].label) for i in training], steps=steps,
-                   learning_rate=config.lr, seed=config.seed, progress=progress, cancel=cancel,
-                   flip_axes=range(spatial_dims) if config.augment else (), device=device)
+    training_cases = [(normalized[i][None], cases[i].label) for i in training]
+    flip_axes = range(spatial_dims) if config.augment else ()
+    if mode == "end_to_end":  # the paper's objective: every step one whole volume through everything
+        fit = fit_topk(model, training_cases, steps=steps, learning_rate=config.lr, seed=config.seed,
+                       progress=progress, cancel=cancel, flip_axes=flip_axes, device=device)
+    else:  # staged: the backbone gets exactly the sliding-window trainer's patch updates
+        from ..augmentation import Augmenter
+        from .staged import fit_topk_staged
+
+        augmenter = Augmenter(patch_size, target_spacing, seed=config.seed) if config.augment else None
+        fit = fit_topk_staged(model, training_cases, backbone_steps=steps, global_steps=steps,
+                              finetune_steps=max(1, steps // 5), learning_rate=config.lr,
+                              batch_size=config.batch_size, seed=config.seed, progress=progress, cancel=cancel,
+                              flip_axes=flip_axes, augmenter=augmenter, device=device)
     validation_dice: dict[str, float] = {}
     for index in validation:
         result = topk_inference(model, normalized[index][None], progress=None, cancel=cancel, device=device)
@@ -251,7 +266,8 @@ def train_topk(config: Any, progress: ProgressCallback | None = None, cancel: Ca
         topk=topk_settings.to_dict(), modality=info.modality,
         training={"dataset": os.path.basename(os.path.normpath(config.dataset_dir)), "cases": len(cases),
                   "training_cases": len(training), "validation_cases": len(validation), "fold": config.fold,
-                  "folds": config.folds, "steps": fit.steps, "sampler": "topk", "seed": config.seed,
+                  "folds": config.folds, "steps": len(fit.losses), "sampler": "topk", "seed": config.seed,
+                  "training_mode": mode,
                   "lr": config.lr, "final_loss": fit.losses[-1] if fit.losses else None,
                   "seconds": round(seconds, 1), "device": str(device)},
         validation_dice={name: round(score, 4) for name, score in validation_dice.items()},
