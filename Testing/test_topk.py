@@ -383,3 +383,16 @@ def test_batch_of_one_is_run_as_two_on_cpu_without_changing_the_result():
         assert torch.allclose(output, network.inner(x), atol=1e-6)
     run_avoiding_batch_of_one(network, x)  # gradients wanted: run as given
     assert network.patches == 3
+
+
+def test_global_branch_is_warm_started_from_a_matching_backbone_only():
+    from UNetSegmentLib.topk.staged import copy_matching_weights, fit_topk_staged
+
+    source, target = TinyNet(seed=1), TinyNet(seed=2)
+    assert copy_matching_weights(source, target)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    assert not copy_matching_weights(TinyNet(out_channels=2), target)
+    image, label = phantom()
+    model = make_model(k=2)
+    fit = fit_topk_staged(model, [(image, label)], backbone_steps=0, global_steps=0, finetune_steps=0)
+    assert not fit.global_warm_started  # CountingNet wraps the backbone: names differ, nothing copied

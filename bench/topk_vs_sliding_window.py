@@ -49,16 +49,16 @@ def parse_args(argv=None):
     parser.add_argument("--patch", type=int, nargs=3, default=[32, 32, 32])
     parser.add_argument("--coarse", type=int, nargs=3, default=[32, 40, 40], help="global branch input size")
     parser.add_argument("--k", type=int, default=5, help="patches chosen per fine-tune step")
-    parser.add_argument("--infer-k", type=int, default=20, help="patches at inference for the last line")
+    parser.add_argument("--infer-k", type=int, default=10, help="patches at inference for the last line")
     parser.add_argument("--k-values", type=int, nargs="+", default=[5, 10, 20, 40],
                         help="inference k values reported in the table")
     parser.add_argument("--features", type=int, default=8, help="backbone base width")
     parser.add_argument("--levels", type=int, default=3, help="backbone depth")
     parser.add_argument("--train-cases", type=int, default=6)
-    parser.add_argument("--test-cases", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=240.0,
+    parser.add_argument("--test-cases", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=330.0,
                         help="backbone training seconds (SW model = top-k stage 1)")
-    parser.add_argument("--extra-s", type=float, default=60.0,
+    parser.add_argument("--extra-s", type=float, default=80.0,
                         help="top-k stages 2+3 seconds (global branch + scorer, then fine-tune)")
     parser.add_argument("--finetune-share", type=float, default=0.4, help="share of --extra-s for stage 3")
     parser.add_argument("--sw-batch", type=int, default=4,
@@ -185,7 +185,8 @@ def main(argv=None):
                                           args.extra_s * args.finetune_share))
     print(f"[bench] top-k stages 2+3: global branch + scorer {fit.global_branch.steps} steps in "
           f"{fit.global_branch.seconds:.0f}s, Gumbel top-k fine-tune (backbone frozen) {fit.finetune.steps} steps "
-          f"in {fit.finetune.seconds:.0f}s", flush=True)
+          f"in {fit.finetune.seconds:.0f}s; global branch warm-started from the backbone: "
+          f"{fit.global_warm_started}", flush=True)
 
     if args.infer_batch <= 0:
         args.infer_batch, timings = fastest_batch(sw_network, args.patch)

@@ -46,6 +46,7 @@ class StagedFitResult:
     backbone: StageResult
     global_branch: StageResult
     finetune: StageResult
+    global_warm_started: bool = False
 
     @property
     def seconds(self) -> float:
@@ -157,6 +158,16 @@ def global_branch_step(model: TopKSegmenter, images: torch.Tensor, labels: torch
     return loss + model.settings.rank_weight * rank_loss / images.shape[0]
 
 
+def copy_matching_weights(source: nn.Module, target: nn.Module) -> bool:
+    """Load source's weights into target when every tensor has the same name and shape; else
+    leave target alone. True when copied."""
+    wanted, available = target.state_dict(), source.state_dict()
+    if set(wanted) != set(available) or any(wanted[name].shape != available[name].shape for name in wanted):
+        return False
+    target.load_state_dict(available)
+    return True
+
+
 def _coarse_inputs(model: TopKSegmenter, image: torch.Tensor, label: torch.Tensor):
     """What the global branch sees of a padded volume: the image resized to coarse_size exactly as
     `global_pass` does, and the label downsampled (nearest)."""
@@ -172,10 +183,12 @@ def fit_topk_staged(model: TopKSegmenter, cases: Sequence[tuple[np.ndarray, np.n
                     k: Optional[int] = None, seed: int = 0, progress: ProgressCallback | None = None,
                     cancel: CancelToken | None = None, flip_axes: Sequence[int] = (),
                     time_budgets_s: Optional[Sequence[Optional[float]]] = None, augmenter=None,
-                    device="cpu", log_every: int = 0) -> StagedFitResult:
+                    warm_start_global: bool = True, device="cpu", log_every: int = 0) -> StagedFitResult:
     """Train in place on normalised (C, *S) images with (*S) labels, stage by stage (module docstring).
     `backbone_steps=0` keeps an already trained backbone. `time_budgets_s` = (backbone, global,
-    finetune) seconds, None for no limit."""
+    finetune) seconds, None for no limit. With `warm_start_global` the global network starts from
+    the trained backbone's weights when both have the same architecture and width (it then only
+    has to adapt to the coarser scale, which a few slow whole-volume steps can do)."""
     from .training import topk_training_step  # the end-to-end step is stage 3 with a frozen backbone
 
     counts = {"backbone_steps": backbone_steps, "global_steps": global_steps, "finetune_steps": finetune_steps}
@@ -207,6 +220,7 @@ def fit_topk_staged(model: TopKSegmenter, cases: Sequence[tuple[np.ndarray, np.n
         backbone = train_backbone_on_patches(model.backbone, cases, model.settings.patch_size, backbone_steps,
                                              batch_size, learning_rate, seed, budgets[0], augmenter, tracker,
                                              device, log_every)
+    warm_started = bool(warm_start_global and copy_matching_weights(model.backbone, model.global_network))
     prepared = _prepared_cases(model, cases, device)
 
     def random_case():
@@ -227,7 +241,7 @@ def fit_topk_staged(model: TopKSegmenter, cases: Sequence[tuple[np.ndarray, np.n
             coarse_image, coarse_label = _coarse_inputs(model, image, label)
             coarse_cases.append((coarse_image, coarse_label, tuple(image.shape[2:])))
         shapes = {case[2] for case in coarse_cases}
-        batch = min(len(coarse_cases), 4)
+        batch = min(len(coarse_cases), 2)  # more updates per second than 4, and still not batch-1 slow
 
         def global_step(_index, _fraction):
             # volumes of one size per batch (the candidate grid depends on it)
@@ -263,4 +277,4 @@ def fit_topk_staged(model: TopKSegmenter, cases: Sequence[tuple[np.ndarray, np.n
         for parameter in frozen:
             parameter.requires_grad_(True)
         model.eval()
-    return StagedFitResult(backbone, global_result, finetune)
+    return StagedFitResult(backbone, global_result, finetune, warm_started)
