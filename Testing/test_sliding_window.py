@@ -219,6 +219,37 @@ def test_out_of_memory_falls_back_to_a_smaller_batch():
         sliding_window_inference(FailsAboveBatch(0), image, InferenceOptions(patch_size=(8, 8, 8)))
 
 
+class AddOneFailsAbovePatch(AddOne):
+    """x + 1 that runs out of memory on windows larger than `largest_voxels` (as a small GPU would)."""
+
+    def __init__(self, largest_voxels):
+        super().__init__()
+        self.largest_voxels = largest_voxels
+
+    def forward(self, x):
+        if math.prod(x.shape[2:]) > self.largest_voxels:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(x)
+
+
+def test_out_of_memory_at_every_batch_falls_back_to_smaller_patches_and_says_so():
+    image = random_image((1, 20, 18, 17))
+    result = sliding_window_inference(AddOneFailsAbovePatch(8 * 8 * 8), image,
+                                      InferenceOptions(patch_size=(16, 16, 16), output="logits"))
+    assert result.stats["patch_size"] == (8, 8, 8)
+    assert any("patch size (16, 16, 16) -> (8, 8, 8)" in note for note in result.stats["fallbacks"])
+    torch.testing.assert_close(result.logits, torch.from_numpy(image) + 1, atol=1e-5, rtol=0)
+
+
+def test_budget_that_fits_only_a_smaller_patch_takes_it():
+    image = random_image((1, 64, 64, 64))
+    options = InferenceOptions(patch_size=(64, 64, 64), memory_budget_mb=4.5, output="logits")
+    result = sliding_window_inference(AddOne(), image, options)
+    assert result.stats["patch_size"] == (32, 32, 32)
+    assert any("to fit memory" in note for note in result.stats["fallbacks"])
+    torch.testing.assert_close(result.logits, torch.from_numpy(image) + 1, atol=1e-5, rtol=0)
+
+
 def test_budget_too_small_for_any_plan_raises_out_of_memory():
     with pytest.raises(OutOfMemoryError, match="memory_budget_mb"):
         sliding_window_inference(TinyConvNet(), random_image((1, 64, 64, 64)),

@@ -227,6 +227,7 @@ class _Plan:
     batch_size: int
     notes: list
     reason: str = ""
+    patch: tuple = ()  # empty: the requested patch size; else a smaller one taken to fit memory
 
 
 _PROBE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -279,19 +280,27 @@ def _whole_multiple(network: nn.Module, patch_size: Sequence[int]) -> int:
 
 
 def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, rolling: bool = False) -> list[_Plan]:
-    """Plans to try in order: the requested one first, then the fallbacks (smaller batch, CPU)."""
+    """Plans to try in order: the requested one first, then the fallbacks (smaller batch, CPU,
+    and last smaller patches, which may change the result slightly)."""
     device = resolve_device(options.device, network)
     devices = [device] + ([torch.device("cpu")] if device.type != "cpu" else [])
     spatial = tuple(volume.shape[1:])
     patch = tuple(int(p) for p in options.patch_size)
     spatial_dims = len(patch)
-    padded = tuple(max(s, p) for s, p in zip(spatial, patch))
     multiple = _whole_multiple(network, patch)
     whole_shape = tuple(math.ceil(s / multiple) * multiple for s in spatial)
     out_channels = int(getattr(network, "out_channels", 0) or 0) or 2
     accumulate_bytes = torch.empty((), dtype=ACCUMULATE_DTYPES[options.accumulate_dtype]).element_size()
+    input_bytes = volume.numel() * 4
     plans: list[_Plan] = []
     smallest_need, smallest_budget = math.inf, math.inf  # for the error when nothing fits
+
+    def sliding_bytes(window: tuple, batch: int, per_voxel: float) -> float:
+        padded = tuple(max(s, p) for s, p in zip(spatial, window))
+        band = window[0] if rolling else padded[0]  # a rolling band keeps only window[0] planes of scores
+        buffers = (out_channels * accumulate_bytes * band / padded[0] + 4) * math.prod(padded) + input_bytes
+        return buffers + per_voxel * math.prod(window) * batch * (2 if options.mirror_axes else 1)
+
     for device_index, candidate in enumerate(devices):
         autocast_dtype, precision_note = resolve_precision(options.precision, candidate)
         element_size = 2 if autocast_dtype is not None else 4
@@ -305,14 +314,6 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, 
             free = available_memory_bytes(candidate)
             budget = free * AUTO_BUDGET_FRACTION if free else float("inf")
         per_voxel = _activation_bytes_per_voxel(network, volume.shape[0], spatial_dims, multiple, element_size)
-        input_bytes = volume.numel() * 4
-        band = patch[0] if rolling else padded[0]  # a rolling band keeps only patch[0] planes of scores
-        sliding_buffers = (out_channels * accumulate_bytes * band / padded[0] + 4) * math.prod(padded) + input_bytes
-        patch_voxels = math.prod(patch)
-
-        def sliding_bytes(batch: int) -> float:
-            return sliding_buffers + per_voxel * patch_voxels * batch * (2 if options.mirror_axes else 1)
-
         whole_bytes = per_voxel * math.prod(whole_shape) + input_bytes + out_channels * 4 * math.prod(spatial)
         equivalent = is_window_equivalent(network)
         want_whole = options.mode == "whole" or (options.mode == "auto" and equivalent and whole_bytes <= budget)
@@ -337,7 +338,7 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, 
         if options.batch_size is not None:
             first = options.batch_size
         elif candidate.type == "cpu":
-            first = min(CPU_MAX_BATCH, max(CPU_MIN_BATCH, CPU_BATCH_VOXELS // patch_voxels))
+            first = min(CPU_MAX_BATCH, max(CPU_MIN_BATCH, CPU_BATCH_VOXELS // math.prod(patch)))
         else:
             first = 4
         batches = []
@@ -347,24 +348,53 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, 
             batch //= 2
         if minimum == 2 and 1 in batches and len(batches) > 1:
             batches.remove(1)  # a batch of one is slower on CPU and saves little memory
-        fitting = [b for b in batches if sliding_bytes(b) <= budget]
+        fitting = [b for b in batches if sliding_bytes(patch, b, per_voxel) <= budget]
         if not fitting:
-            smallest_need = min(smallest_need, sliding_bytes(batches[-1]))
+            smallest_need = min(smallest_need, sliding_bytes(patch, batches[-1], per_voxel))
             smallest_budget = min(smallest_budget, budget)
-            continue
         for batch in fitting:
             batch_notes = list(notes)
             if batch != first:
                 batch_notes.append(f"batch size {first} -> {batch} to fit memory")
             plans.append(_Plan("sliding", candidate, autocast_dtype, precision_name, batch, batch_notes, reason))
+    # Last resort, on the last device tried: smaller windows (same network, less context per window).
+    if options.mode != "whole":
+        batch = options.batch_size or minimum
+        for window in _smaller_patches(patch, int(getattr(network, "required_multiple", 1) or 1), _fallback_patch_floor(network)):
+            if sliding_bytes(window, batch, per_voxel) > budget:
+                continue
+            plans.append(_Plan("sliding", candidate, autocast_dtype, precision_name, batch,
+                               notes + [f"patch size {patch} -> {window} to fit memory (less context per window; "
+                                        "results may differ slightly from the trained patch size)"],
+                               reason, window))
     if not plans:
         need = smallest_need / 2 ** 20 if math.isfinite(smallest_need) else \
-            (out_channels * accumulate_bytes + 4) * math.prod(padded) / 2 ** 20
+            (out_channels * accumulate_bytes + 4) * math.prod(spatial) / 2 ** 20
         raise OutOfMemoryError(
             f"Sliding-window inference needs at least {need:.3g} MB for its buffers plus one batch of patches, "
             f"more than the memory budget of {smallest_budget / 2 ** 20:.3g} MB allows.",
             "Raise memory_budget_mb, use a smaller patch size, accumulate in float16, or crop the volume.")
     return plans
+
+
+def _fallback_patch_floor(network: nn.Module) -> int:
+    """Smallest multiple a fallback patch may shrink to: normalising layers need more than one voxel at
+    the coarsest level, so 2x the network's multiple unless it has none."""
+    multiple = int(getattr(network, "required_multiple", 1) or 1)
+    return 2 * multiple if multiple > 1 else 1
+
+
+def _smaller_patches(patch: tuple, multiple: int, floor: int, steps: int = 2) -> list[tuple]:
+    """Patch sizes halved per step, kept multiples of what the network needs and at least `floor`
+    (unless the requested patch is already smaller); at most `steps`."""
+    smaller, current = [], patch
+    for _ in range(steps):
+        halved = tuple(max(min(p, floor), (p // 2) // multiple * multiple) for p in current)
+        if halved == current:
+            break
+        smaller.append(halved)
+        current = halved
+    return smaller
 
 
 # --- execution -----------------------------------------------------------------------------------
@@ -442,7 +472,7 @@ def _check_mirror_axes(mirror_axes, spatial_dims: int) -> tuple:
 
 def _execute(network, volumes: torch.Tensor, options: InferenceOptions, plan: _Plan, progress, cancel, sink=None):
     """Accumulated (unnormalised) scores per image and the shared weight sum, on the plan's device."""
-    patch = tuple(int(p) for p in options.patch_size)
+    patch = tuple(int(p) for p in (plan.patch or options.patch_size))
     spatial_dims = len(patch)
     mirror_axes = _check_mirror_axes(options.mirror_axes, spatial_dims)
     network.to(plan.device)
