@@ -338,8 +338,9 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.outputSegmentation = segmentation
         self._lastRunSeconds[str(node.modelPath)] = job.result.seconds
         self.updateModelDetails()
+        notes = (job.result.stats or {}).get("fallbacks") or []
         self.showStatus(f"Done in {job.result.seconds:.1f} s: {len(job.result.labels) - 1} segment(s) in "
-                        f"'{segmentation.GetName()}'.")
+                        f"'{segmentation.GetName()}'." + "".join(f"\nNote: {note}" for note in notes))
 
     @property
     def isRunning(self):

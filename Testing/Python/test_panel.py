@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import slicer
 import slicer_adapter
 from scene_helpers import add_phantom_volume, make_tiny_checkpoint, segment_names
@@ -163,3 +164,25 @@ def test_missing_torch_is_offered_through_pytorch_utils_with_confirmation(module
     assert calls == [True], "installation must ask the user first"
     assert not panel.isRunning and "not installed" in panel.ui.statusLabel.text()
     assert not slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
+
+
+def test_out_of_memory_fallback_is_reported_in_the_status_line(panel, scene, tiny_checkpoint, monkeypatch):
+    """The first inference plan runs out of memory (as a full GPU does); the panel says what it did instead."""
+    from UNetSegmentLib.inference import sliding_window
+
+    real_execute, attempts = sliding_window._execute, []
+
+    def first_attempt_runs_out_of_memory(network, volumes, options, plan, *args, **kwargs):
+        attempts.append(plan.batch_size)
+        if len(attempts) == 1:
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return real_execute(network, volumes, options, plan, *args, **kwargs)
+
+    monkeypatch.setattr(sliding_window, "_execute", first_attempt_runs_out_of_memory)
+    panel.ui.inputVolumeSelector.setCurrentNode(add_phantom_volume(scene))
+    panel.addModel(str(tiny_checkpoint))
+    panel.ui.segmentButton.click()
+    wait_until_idle(panel)
+    status = panel.ui.statusLabel.text()
+    assert status.startswith("Done in") and "Note: " in status and "ran out of memory" in status, status
+    assert len(attempts) == 2 and len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 1
