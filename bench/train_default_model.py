@@ -1,6 +1,6 @@
 """Reproduce the shipped default model and sample (seeded): phantom dataset -> train -> Resources/.
 
-    .venv/bin/python bench/train_default_model.py [--epochs 20] [--device auto]
+    .venv/bin/python bench/train_default_model.py [--epochs 80] [--iterations 40] [--device auto]
 
 Writes Resources/Models/default.pt, Resources/Samples/sample_ct.nrrd and
 Resources/Samples/sample_ct_reference.nrrd. The training data is the synthetic phantom of
@@ -37,8 +37,8 @@ def write_sample(out_dir: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--iterations", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default=os.path.join(ROOT, "bench", "out", "default_model"))
     parser.add_argument("--output", default=os.path.join(ROOT, "Resources", "Models", "default.pt"))
