@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics import dice_per_label
     from ..model_store import default_model_path, find_model
     from ..pipeline import segment_image
-    from .segment import ProgressBar, cancel_on_interrupt
+    from .terminal import ProgressBar, cancel_on_interrupt
 
     image, reference, sample_description = _sample()
     device = resolve_device(args.device)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from ..errors import InputError
-from ..progress import CancelToken, Progress
+from .terminal import ProgressBar, cancel_on_interrupt
 
 OUTPUT_EXTENSIONS = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".mha")
 
@@ -40,47 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget-mb", type=float, default=None,
                         help="memory the inference may plan for (default: half of the free memory); a smaller "
                              "budget makes it fall back to smaller batches, or stop with a clear error")
-
-
-class ProgressBar:
-    """tqdm bar (with ETA) fed by `Progress` reports; a new bar per stage."""
-
-    def __init__(self, enabled: bool = True, description: str = ""):
-        self.enabled = enabled
-        self.description = description
-        self.bar = None
-        self.stage = None
-
-    def __call__(self, report: Progress) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if report.stage != self.stage or self.bar is None or (report.total and self.bar.total != report.total):
-            self.close()
-            self.stage = report.stage
-            label = f"{self.description} {report.stage}".strip()
-            self.bar = tqdm(total=report.total or None, desc=label, unit="patch", file=sys.stderr, leave=False)
-        self.bar.n = report.done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-@contextlib.contextmanager
-def cancel_on_interrupt():
-    """Ctrl+C sets a CancelToken so the engine stops between patches and nothing half-done is written."""
-    cancel = CancelToken()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel()) if in_main_thread else None
-    try:
-        yield cancel
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _is_dicom_folder(folder: Path) -> bool:

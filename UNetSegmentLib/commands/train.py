@@ -6,11 +6,9 @@ import argparse
 import functools
 import json
 import logging
-import signal
 import sys
-import threading
 
-from ..progress import CancelToken, Progress
+from .terminal import ProgressBar, cancel_on_interrupt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,32 +61,6 @@ def config_from_args(args: argparse.Namespace):
         device=args.device, lr=args.lr, overwrite=args.overwrite)
 
 
-class _ProgressBar:
-    """tqdm bar fed by `Progress` reports; one bar per stage (training, validation)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        self.stage = None
-
-    def __call__(self, report: Progress) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if report.stage != self.stage:
-            self.close()
-            self.stage = report.stage
-            self.bar = tqdm(total=report.total, desc=report.stage, unit="it", file=sys.stderr, leave=True)
-        self.bar.n = report.done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..training import train
 
@@ -106,17 +78,12 @@ def run(args: argparse.Namespace) -> int:
         trainer = train
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    cancel = CancelToken()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:  # Ctrl+C finishes the current step and writes nothing
-        previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
-    bar = _ProgressBar(not args.quiet)
+    bar = ProgressBar(not args.quiet, unit="it", leave=True)
     try:
-        result = trainer(config, progress=bar, cancel=cancel)
+        with cancel_on_interrupt() as cancel:  # Ctrl+C finishes the current step and writes nothing
+            result = trainer(config, progress=bar, cancel=cancel)
     finally:
         bar.close()
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
     dice = ", ".join(f"{name} {score:.3f}" for name, score in result.validation_dice.items())
     print(f"wrote {result.checkpoint}: {result.epochs} epochs in {result.seconds:.0f} s"
           + (f"; validation Dice: {dice}" if dice else ""))
