@@ -13,7 +13,7 @@ the backbone frozen; both figures are printed.
 Reported side by side: Dice per label for several inference k, CPU wall time per volume and FLOPs
 of whole-volume inference (both at the same patch batch size, the fastest for this backbone).
 
-    python bench/topk_vs_sliding_window.py            # full run (~10 min on 2 idle cores)
+    python bench/topk_vs_sliding_window.py            # full run, the published figures (~14 min on 2 idle cores)
     python bench/topk_vs_sliding_window.py --quick    # smoke run (~1-2 min)
 
 The last line is machine-readable (for the default inference k, --infer-k):
@@ -56,9 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--levels", type=int, default=3, help="backbone depth")
     parser.add_argument("--train-cases", type=int, default=6)
     parser.add_argument("--test-cases", type=int, default=2)
-    parser.add_argument("--budget-s", type=float, default=330.0,
+    parser.add_argument("--budget-s", type=float, default=600.0,
                         help="backbone training seconds (SW model = top-k stage 1)")
-    parser.add_argument("--extra-s", type=float, default=80.0,
+    parser.add_argument("--extra-s", type=float, default=150.0,
                         help="top-k stages 2+3 seconds (global branch + scorer, then fine-tune)")
     parser.add_argument("--finetune-share", type=float, default=0.4, help="share of --extra-s for stage 3")
     parser.add_argument("--sw-batch", type=int, default=4,
