@@ -15,6 +15,15 @@ CHECKPOINT_FORMAT = "unetsegment-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 
 
+_MR_NAMES = {"MR", "MRI", "T1", "T2", "T1W", "T2W", "FLAIR", "ADC", "DWI", "PD", "T1CE", "T1GD"}
+
+
+def canonical_modality(name: str) -> str:
+    """'MRI', 'T1', 'flair' -> 'MR'; 'ct' -> 'CT'; anything else upper-cased (dataset.json names vary)."""
+    text = str(name).strip().upper()
+    return "MR" if text in _MR_NAMES or text.startswith("MR") else text
+
+
 @dataclass
 class LabelInfo:
     value: int  # voxel value in the labelmap; 0 is background

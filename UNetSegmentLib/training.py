@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import numpy as np
 
 from .errors import CheckpointError, DeviceError, InputError
-from .metadata import LabelInfo, ModelMetadata, Normalization
+from .metadata import LabelInfo, ModelMetadata, Normalization, canonical_modality
 from .progress import CancelToken, ProgressCallback, ProgressTracker
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,13 @@ class TrainingConfig:
     target_spacing: Optional[Sequence[float]] = None  # (x, y, z) mm; default: median of the dataset
     overwrite: bool = False
     description: str = ""
+    # case ids never used for training or validation (kept apart for a shipped sample and tests)
+    exclude_cases: Sequence[str] = ()
+    # "plateau": cut by lr_factor when the epoch loss stalls; "poly": nnU-Net's (1 - progress)^0.9 decay,
+    # progress being the larger of the iteration share and the time-budget share
+    lr_schedule: str = "plateau"
+    time_budget_s: Optional[float] = None  # stop training (then validate and save) after this many seconds
+    threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
 
 
 @dataclass
@@ -104,7 +111,7 @@ def load_training_cases(config: TrainingConfig, info=None
 
     info = info or read_dataset_info(config.dataset_dir)
     images, labels = [], []
-    for case in info.cases:
+    for case in training_cases_of(info, config):
         image_path, label_path = case.image_path, case.label_path
         image, label = io.read_image(image_path), io.read_labelmap(label_path)
         # a labelmap off its image's grid would be silently resampled and teach wrong boundaries
@@ -129,6 +136,16 @@ def load_training_cases(config: TrainingConfig, info=None
                              "Add them to the 'labels' of dataset.json or fix the labelmaps.")
         cases.append(TrainingCase(image_array, label_array, target))
     return cases, target
+
+
+def training_cases_of(info, config: TrainingConfig) -> list:
+    """The dataset's cases less `config.exclude_cases` (an unknown excluded id is an error, not a no-op)."""
+    excluded = {str(case_id) for case_id in config.exclude_cases}
+    unknown = excluded - {case.case_id for case in info.cases}
+    if unknown:
+        raise InputError(f"Excluded case ids {sorted(unknown)} are not in {info.folder}.",
+                         "Pass ids as listed in labelsTr/ without the extension, e.g. hippocampus_001.")
+    return [case for case in info.cases if case.case_id not in excluded]
 
 
 def split_folds(case_count: int, folds: int, fold: int, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -212,6 +229,11 @@ def _validate_config(config: TrainingConfig) -> None:
     if len(config.patch_size) not in (2, 3) or any(int(p) < 1 for p in config.patch_size):
         raise InputError(f"Patch size {tuple(config.patch_size)} is invalid.",
                          "Pass three positive numbers in (z, y, x) order, e.g. --patch-size 32 64 64.")
+    if config.lr_schedule not in ("plateau", "poly"):
+        raise InputError(f"Unknown learning-rate schedule '{config.lr_schedule}'.", "Use plateau or poly.")
+    if config.time_budget_s is not None and not config.time_budget_s > 0:
+        raise InputError(f"The time budget must be positive, got {config.time_budget_s}.",
+                         "Pass a number of seconds, e.g. --time-budget 3600.")
     if not config.lr > 0:
         raise InputError(f"Learning rate must be positive, got {config.lr}.", "Use the default 3e-4.")
     if os.path.exists(config.output) and not config.overwrite:
@@ -238,11 +260,14 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
     _validate_config(config)
     started = time.perf_counter()
     device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
     torch.manual_seed(config.seed)
     tracker = ProgressTracker(config.epochs * config.iterations_per_epoch, progress, cancel, stage="training")
 
     info = read_dataset_info(config.dataset_dir)
     cases, target_spacing = load_training_cases(config, info)
+    case_ids = [case.case_id for case in training_cases_of(info, config)]
     training, validation = split_folds(len(cases), config.folds, config.fold, config.seed)
     tracker.check_cancel()
     normalization, normalized = normalize_fold(cases, training, info.modality)
@@ -266,11 +291,21 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
 
     lr, best_loss, epochs_without_improvement = config.lr, math.inf, 0
     epoch_losses: list[float] = []
+    total_iterations = config.epochs * config.iterations_per_epoch
+    training_started, iteration, out_of_time = time.perf_counter(), 0, False
     for epoch in range(config.epochs):
         network.train()
-        running = 0.0
+        running, done = 0.0, 0
         for _ in range(config.iterations_per_epoch):
             tracker.check_cancel()
+            elapsed = time.perf_counter() - training_started
+            if config.time_budget_s is not None and elapsed >= config.time_budget_s:
+                out_of_time = True
+                break
+            if config.lr_schedule == "poly":
+                lr = poly_learning_rate(config.lr, iteration, total_iterations, elapsed, config.time_budget_s)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             images, labels = (torch.from_numpy(a) for a in sampler.sample_batch(config.batch_size))
             if augmenter is not None:
                 images, labels = augmenter(images, labels)
@@ -286,23 +321,32 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
             torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
             optimizer.step()
             running += float(loss.item())
+            done += 1
+            iteration += 1
             tracker.advance()
-        epoch_loss = running / config.iterations_per_epoch
+        if done == 0:
+            break
+        epoch_loss = running / done
         epoch_losses.append(epoch_loss)
         if epoch_loss < best_loss - 1e-4:
             best_loss, epochs_without_improvement = epoch_loss, 0
         else:
             epochs_without_improvement += 1
-        if epochs_without_improvement >= config.lr_patience:
+        if config.lr_schedule == "plateau" and epochs_without_improvement >= config.lr_patience:
             lr *= config.lr_factor
             epochs_without_improvement = 0
             for group in optimizer.param_groups:
                 group["lr"] = lr
         log.info("epoch %d/%d: loss %.4f, lr %.2e, %.0f s", epoch + 1, config.epochs, epoch_loss, lr,
                  time.perf_counter() - started)
-        if lr < config.min_lr:
+        if config.lr_schedule == "plateau" and lr < config.min_lr:
             log.info("learning rate below %.0e: stopping", config.min_lr)
             break
+        if out_of_time:
+            log.info("time budget of %.0f s reached after %d iterations: stopping", config.time_budget_s, iteration)
+            break
+    if not epoch_losses:
+        raise InputError("Training stopped before its first iteration.", "Raise --time-budget.")
 
     network.eval()
     validation_dice = validate(network, [normalized[i] for i in validation], [cases[i].label for i in validation],
@@ -321,7 +365,7 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
         patch_size=list(patch_size),
         target_spacing=[float(s) for s in target_spacing],
         normalization=normalization,
-        modality=info.modality,
+        modality=canonical_modality(info.modality),
         training={
             "dataset": info.name,
             "cases": len(cases), "training_cases": len(training), "validation_cases": len(validation),
@@ -329,7 +373,12 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
             "iterations_per_epoch": config.iterations_per_epoch, "batch_size": config.batch_size,
             "sampler": config.sampler, "augment": config.augment, "deep_supervision": deep_supervision,
             "seed": config.seed, "lr": config.lr, "final_lr": lr, "final_loss": epoch_losses[-1],
-            "seconds": round(seconds, 1), "device": str(device),
+            "lr_schedule": config.lr_schedule, "iterations": iteration,
+            "patch_size": list(patch_size), "excluded_cases": sorted(str(c) for c in config.exclude_cases),
+            "training_case_ids": [case_ids[i] for i in training],
+            "validation_case_ids": [case_ids[i] for i in validation],
+            "intensity": intensity_statistics([cases[i].image for i in training]),
+            "seconds": round(seconds, 1), "device": str(device), "threads": torch.get_num_threads(),
         },
         validation_dice={name: round(score, 4) for name, score in validation_dice.items()},
         description=config.description,
@@ -339,6 +388,42 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
     save_checkpoint(config.output, network, metadata, overwrite=config.overwrite)
     log.info("wrote %s (validation Dice %s)", config.output, metadata.validation_dice)
     return TrainingResult(config.output, metadata, len(epoch_losses), seconds, lr, epoch_losses, validation_dice)
+
+
+def poly_learning_rate(initial: float, iteration: int, total_iterations: int, elapsed_s: float = 0.0,
+                       budget_s: Optional[float] = None, exponent: float = 0.9) -> float:
+    """nnU-Net's polynomial decay; with a time budget the schedule follows whichever runs out first."""
+    progress = iteration / max(1, total_iterations)
+    if budget_s:
+        progress = max(progress, elapsed_s / budget_s)
+    return initial * max(0.0, 1.0 - min(1.0, progress)) ** exponent
+
+
+def intensity_statistics(images: Sequence[np.ndarray], samples_per_case: int = 20000) -> dict[str, Any]:
+    """Raw-intensity summary of the training images, kept in the card to warn about foreign inputs.
+
+    Per case: the 1st/50th/99th percentiles; the card keeps their ranges over the training set, so an
+    input can be compared in units the user recognises (e.g. Hounsfield units for a CT fed to an MR model).
+    """
+    per_case = []
+    for image in images:
+        flat = np.asarray(image, dtype=np.float32).ravel()
+        if flat.size > samples_per_case:
+            flat = flat[:: int(np.ceil(flat.size / samples_per_case))]
+        zscored = (flat - flat.mean()) / max(float(flat.std()), 1e-8)
+        per_case.append(np.concatenate([np.percentile(flat, (1, 50, 99)), np.percentile(zscored, (1, 50, 99)),
+                                        [float((flat < 0).mean())]]))
+    if not per_case:
+        return {}
+    table = np.asarray(per_case, dtype=np.float64)
+
+    def span(column: int) -> list[float]:
+        return [round(float(table[:, column].min()), 4), round(float(table[:, column].max()), 4)]
+
+    # raw percentiles (p01/p50/p99), the same after per-case z-scoring (z01/z50/z99: scale-free, the
+    # histogram's shape) and the share of negative voxels (CT air and soft tissue; none in magnitude MR)
+    return {"cases": len(per_case), "p01": span(0), "p50": span(1), "p99": span(2),
+            "z01": span(3), "z50": span(4), "z99": span(5), "negative_fraction": span(6)}
 
 
 def validate(network, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], label_names: dict[int, str],
