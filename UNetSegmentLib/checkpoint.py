@@ -15,7 +15,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from .errors import CheckpointError, DeviceError, InputError, UnknownArchitectureError
 from .metadata import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, ModelMetadata
@@ -112,6 +112,11 @@ def save_checkpoint(path, network, metadata: ModelMetadata, overwrite: bool = Fa
 
 
 def _load_payload(path, map_location="cpu") -> dict:
+    return validate_payload(load_payload_safely(path, map_location), Path(path))
+
+
+def load_payload_safely(path, map_location="cpu") -> Any:
+    """torch.load with weights_only=True; every failure becomes a CheckpointError naming the file."""
     import torch
 
     path = Path(path)
@@ -138,6 +143,11 @@ def _load_payload(path, map_location="cpu") -> dict:
                                   "Only use UNetSegment checkpoints.") from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint or is truncated/corrupt ({message}).",
                               _RETRAIN) from None
+    return payload
+
+
+def validate_payload(payload: Any, path: Path) -> dict:
+    """The checkpoint envelope: format name and version, metadata and non-empty weights present."""
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not a UNetSegment checkpoint (no "
                               f"'format': '{CHECKPOINT_FORMAT}').",
@@ -168,9 +178,15 @@ def _metadata_from_payload(payload: dict, path) -> ModelMetadata:
 
 
 def read_checkpoint_metadata(path) -> ModelMetadata:
-    """Validate format, metadata and architecture name without building the network."""
+    """Validate format, metadata and architecture name without torch, without reading the weights.
+
+    Reads only the archive's small pickle record (checkpoint_record.py), so listing models works
+    before PyTorch is installed; `load_checkpoint` later reads the same record through torch.
+    """
+    from .checkpoint_record import read_record
+
     path = Path(path)
-    return _metadata_from_payload(_load_payload(path), path)
+    return _metadata_from_payload(validate_payload(read_record(path), path), path)
 
 
 def _describe_mismatch(network, state_dict: dict, out_channels: int, path) -> CheckpointError:
@@ -199,10 +215,22 @@ def _describe_mismatch(network, state_dict: dict, out_channels: int, path) -> Ch
                            "The metadata (architecture arguments) and weights disagree; retrain or re-export.")
 
 
-def load_checkpoint(path, device="cpu") -> LoadedModel:
-    """Rebuild the network from metadata, load the weights strictly, move to `device`, eval mode."""
+def load_checkpoint(path, device="cpu", payload: Any = None) -> LoadedModel:
+    """Rebuild the network from metadata, load the weights strictly, move to `device`, eval mode.
+
+    `payload` is the already unpickled file (callers that had to look inside it first, e.g. ensembles).
+    """
     path = Path(path)
-    payload = _load_payload(path)
+    payload = _load_payload(path) if payload is None else validate_payload(payload, path)
+    return load_checkpoint_payload(payload, path, device)
+
+
+def load_checkpoint_payload(payload: dict, path, device="cpu", source: Optional[str] = None) -> LoadedModel:
+    """Build and load one {"metadata", "state_dict"} record (a checkpoint, or one member of an ensemble)."""
+    path = Path(source) if source else Path(path)
+    if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict) \
+            or not payload["state_dict"]:
+        raise CheckpointError(f"{path} holds no weights (empty or missing state_dict).", _RETRAIN)
     metadata = _metadata_from_payload(payload, path)
     target = resolve_device(device)
     try:

@@ -82,6 +82,7 @@ def sample_reference_path() -> Path:
 
 def _entries(folder: Path, source: str) -> list[ModelEntry]:
     from .checkpoint import read_checkpoint_metadata
+    from .ensemble import read_set_metadata
 
     entries = []
     if not folder.is_dir():
@@ -93,6 +94,13 @@ def _entries(folder: Path, source: str) -> list[ModelEntry]:
             entries.append(ModelEntry(path.stem, path, read_checkpoint_metadata(path), source))
         except CheckpointError as error:
             entries.append(ModelEntry(path.stem, path, None, source, str(error)))
+    for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not any(path.glob(f"*{MODEL_SUFFIX}")):
+            continue
+        try:  # a folder of fold checkpoints is one model (an ensemble)
+            entries.append(ModelEntry(path.name, path, read_set_metadata(path), source))
+        except CheckpointError as error:
+            entries.append(ModelEntry(path.name, path, None, source, str(error)))
     return entries
 
 

@@ -8,7 +8,7 @@ input's grid (size, origin, spacing, direction), whatever orientation or spacing
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -16,10 +16,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import preprocessing
-from .checkpoint import LoadedModel, load_checkpoint, resolve_device
+from .checkpoint import LoadedModel, resolve_device
+from .ensemble import LoadedEnsemble, load_model
 from .errors import InputError
 from .metadata import LabelInfo
-from .progress import CancelToken, ProgressCallback
+from .progress import CancelToken, Progress, ProgressCallback
 
 SAMPLERS = ("auto", "sliding_window", "whole", "topk")
 
@@ -98,6 +99,17 @@ def _infer(model: LoadedModel, array: np.ndarray, sampler: str, overlap: float, 
     return probabilities.astype(np.float32, copy=False), dict(result.stats or {})
 
 
+def _member_progress(progress: ProgressCallback | None, index: int, count: int):
+    """Reports of fold `index` of `count`, labelled so a bar shows which fold is running."""
+    if progress is None or count == 1:
+        return progress
+
+    def report(update: Progress) -> None:
+        progress(replace(update, stage=f"{update.stage} (fold {index + 1}/{count})"))
+
+    return report
+
+
 def _infer_slices(model: LoadedModel, array: np.ndarray, infer_kwargs: dict):
     """2D models: segment each axial slice (array axis 0) on its own and stack."""
     probabilities, stats = [], {}
@@ -131,13 +143,13 @@ def _back_to_input_order(image: sitk.Image, original: sitk.Image) -> sitk.Image:
     return resampled
 
 
-def segment_image(image: sitk.Image, model: Union[LoadedModel, str, Path], *, sampler: str = "auto",
+def segment_image(image: sitk.Image, model: Union[LoadedModel, LoadedEnsemble, str, Path], *, sampler: str = "auto",
                   overlap: float = 0.5, k: Optional[int] = None, device="auto", precision: str = "auto",
                   mirror_axes: Sequence[int] = (), memory_budget_mb: Optional[float] = None,
                   return_probabilities: bool = False, return_uncertainty: bool = False,
                   progress: ProgressCallback | None = None, cancel: CancelToken | None = None
                   ) -> SegmentationResult:
-    """Segment one volume with a checkpoint; the labelmap lies exactly on the input grid."""
+    """Segment one volume with a checkpoint or a fold ensemble; the labelmap lies exactly on the input grid."""
     started = time.perf_counter()
     preprocessing.validate_image(image)
     if not 0.0 <= float(overlap) < 1.0:
@@ -145,10 +157,11 @@ def segment_image(image: sitk.Image, model: Union[LoadedModel, str, Path], *, sa
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise InputError(f"k must be a positive integer, got {k!r}.", "Use e.g. --k 8.")
     target_device = resolve_device(device)
-    if not isinstance(model, LoadedModel):
-        model = load_checkpoint(model, device=target_device)
+    if not isinstance(model, (LoadedModel, LoadedEnsemble)):
+        model = load_model(model, device=target_device)
+    members = list(model.members) if isinstance(model, LoadedEnsemble) else [model]
     metadata = model.metadata
-    chosen = _choose_sampler(sampler, model)
+    chosen = _choose_sampler(sampler, members[0])
     if metadata.in_channels != 1:
         raise InputError(f"{model.path.name} expects {metadata.in_channels} image channels; one volume was given.",
                          "Use a single-channel model.")
@@ -159,19 +172,34 @@ def segment_image(image: sitk.Image, model: Union[LoadedModel, str, Path], *, sa
     step = time.perf_counter()
     canonical = preprocessing.reorient_to_canonical(sitk.Cast(image, sitk.sitkFloat32))
     resampled = preprocessing.resample_image(canonical, metadata.target_spacing)
-    array = preprocessing.normalize(sitk.GetArrayFromImage(resampled), metadata.normalization)
+    raw = sitk.GetArrayFromImage(resampled)
     timings["preprocess_s"] = time.perf_counter() - step
     if cancel is not None:
         cancel.raise_if_cancelled()
 
     step = time.perf_counter()
-    infer_kwargs = dict(sampler=chosen, overlap=float(overlap), k=k, device=target_device, precision=precision,
-                        mirror_axes=mirror_axes, memory_budget_mb=memory_budget_mb, progress=progress,
-                        cancel=cancel)
-    if metadata.spatial_dims == 2:
-        probabilities, engine_stats = _infer_slices(model, array, infer_kwargs)
-    else:
-        probabilities, engine_stats = _infer(model, array, **infer_kwargs)
+    probabilities, engine_stats, normalized = None, {}, {}
+    for index, member in enumerate(members):
+        # folds agree on spacing and labels (checked at load); CT statistics may differ per fold
+        key = repr(member.metadata.normalization)
+        if key not in normalized:
+            normalized = {key: preprocessing.normalize(raw, member.metadata.normalization)}
+        infer_kwargs = dict(sampler=chosen, overlap=float(overlap), k=k, device=target_device,
+                            precision=precision, mirror_axes=mirror_axes, memory_budget_mb=memory_budget_mb,
+                            progress=_member_progress(progress, index, len(members)), cancel=cancel)
+        if metadata.spatial_dims == 2:
+            member_probabilities, engine_stats = _infer_slices(member, normalized[key], infer_kwargs)
+        else:
+            member_probabilities, engine_stats = _infer(member, normalized[key], **infer_kwargs)
+        if probabilities is None:
+            probabilities = member_probabilities
+        else:
+            probabilities += member_probabilities
+        del member_probabilities
+    if len(members) > 1:
+        probabilities /= len(members)  # nnU-Net: the mean of the folds' softmax
+        engine_stats = dict(engine_stats, ensemble_members=len(members))
+    del normalized, raw
     timings["inference_s"] = time.perf_counter() - step
     if cancel is not None:
         cancel.raise_if_cancelled()

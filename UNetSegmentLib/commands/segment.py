@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", required=True,
                         help="labelmap file for one input, or folder for a folder of inputs")
     parser.add_argument("--model", "-m", default=None,
-                        help="checkpoint file or model name (default: the shipped default model; see `models`)")
+                        help="checkpoint file, folder of fold checkpoints (their softmax is averaged), or "
+                             "model name (default: the shipped model for the input's modality; see `models`)")
     parser.add_argument("--sampler", default="auto", choices=("auto", "sliding_window", "whole", "topk"),
                         help="auto (the model's own, default), sliding_window, whole (one pass) or topk")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -80,7 +81,8 @@ def extra_output(labelmap_path: Path, kind: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_checkpoint, resolve_device
+    from ..checkpoint import resolve_device
+    from ..ensemble import load_model
     from ..io import SEGMENTATION_SUFFIX, read_image, write_image, write_segmentation
     from ..model_store import default_model_path, find_model
     from ..pipeline import segment_image
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"The shipped default model {model_path} is missing.",
                          "Pass --model with a checkpoint (train one with `python -m UNetSegmentLib train`).")
     device = resolve_device(args.device)
-    model = load_checkpoint(model_path, device=device)
+    model = load_model(model_path, device=device)  # one checkpoint, or a fold ensemble (folder / file)
     names = ", ".join(label.name for label in model.metadata.labels[1:])
     print(f"model {model_path.name} ({model.metadata.architecture}; labels: {names}) on {device}", file=sys.stderr)
     mirror_axes = tuple(range(model.metadata.spatial_dims)) if args.mirror else ()
