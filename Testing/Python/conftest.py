@@ -1,4 +1,4 @@
-"""Fixtures for the Slicer module tests: the adapter, a clean real MRML scene, tiny checkpoints."""
+"""Fixtures for the Slicer module tests: Slicer's own base classes, a clean real MRML scene, tiny checkpoints."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def module():
-    return slicer_adapter.loadModule()
+    return slicer_adapter.registerModule()
 
 
 @pytest.fixture()
@@ -36,3 +36,14 @@ def scene():
     yield scene
     scene.Clear(0)
     scene.ClearUndoStack()
+
+
+@pytest.fixture()
+def worker_temp(tmp_path, monkeypatch):
+    """Worker jobs put their temporary folders here, so a test can see that none is left behind."""
+    folder = tmp_path / "worker-temp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder

@@ -1,359 +1,503 @@
-"""Lets the unchanged module file `UNetSegment/UNetSegment.py` run outside the Slicer application.
+"""Runs the unchanged module file `UNetSegment/UNetSegment.py` on Slicer's own Python base classes.
 
-Test scaffolding only; the module never imports it. Everything that slicer-core (Kitware's non-Qt
-build of Slicer's core) provides is used as is: the MRML scene, volume and segmentation nodes, the
-segmentations logic, `slicer.util`. Only what lives in the Slicer *application* is stood in for,
-each piece as small as the module needs:
-
-- `qt`: PySide6 (offscreen) under PythonQt's module name, plus `QUiLoader` that knows the stand-ins.
-- `ctk.ctkCollapsibleButton`: a QGroupBox with a `collapsed` property.
-- `qMRMLNodeComboBox`: a QComboBox listing scene nodes of its `nodeTypes`, kept in sync by observing
-  the real scene.
-- `slicer.ScriptedLoadableModule`: the four base classes, with Slicer's parameter-node convention
-  (a singleton `vtkMRMLScriptedModuleNode` tagged with the module name).
-- `slicer.parameterNodeWrapper`: typed properties stored as strings / node references in that real
-  node, and `connectGui` binding widgets by their `SlicerParameterName` dynamic property.
-- `slicer.mrmlScene`, `slicer.app.processEvents`, `slicer.modules.segmentations.logic()`.
-- `slicer.util.childWidgetVariables`: PythonQt exposes `objectName` as `.name`; PySide6 does not.
+Test scaffolding only; the module never imports it. What runs is real:
+- Slicer's pure-Python sources, unmodified, from `../shared/slicer-upstream/v5.10.0/` beside the
+  repository: `slicer.ScriptedLoadableModule`, `slicer.parameterNodeWrapper`, `slicer.util`,
+  `slicer.i18n`. They are put ahead of slicer-core on the `slicer` package path.
+- slicer-core (Kitware's non-Qt build of Slicer's core): the MRML scene, nodes, segmentations logic.
+Stand-ins exist only for what is compiled C++ in Slicer (each listed in docs/slicer.md with how it
+differs): PythonQt's `qt` and `ctk` (pythonqt_standin.py), `slicer.app` with its module manager,
+the module's widget representation (`qSlicerScriptedLoadableModuleWidget`), `slicer.qMRMLWidget`,
+`slicer.qMRMLNodeComboBox`, the main window's module selector and the Segment Editor widget.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-import logging
 import os
 import sys
 import types
-import typing
-import unittest
 from pathlib import Path
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+import pythonqt_standin
+from pythonqt_standin import PythonQtStyle, QtCore, QtWidgets, processEventsUntil  # noqa: F401
 
-from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
-from PySide6.QtUiTools import QUiLoader  # noqa: E402
+REPOSITORY = Path(__file__).resolve().parents[2]
+MODULE_FILE = REPOSITORY / "UNetSegment" / "UNetSegment.py"
+UPSTREAM_VERSION = "v5.10.0"
+UPSTREAM_MODULES = ("slicer.util", "slicer.i18n", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper")
 
-import slicer  # noqa: E402
-import slicer.util  # noqa: E402
+
+def upstreamDir() -> Path:
+    """`shared/slicer-upstream/<version>` beside the repository (CI clones it with shared/ beside)."""
+    override = os.environ.get("UNETSEGMENT_SLICER_UPSTREAM")
+    folder = Path(override) if override else REPOSITORY.parent / "shared" / "slicer-upstream" / UPSTREAM_VERSION
+    if not (folder / "slicer" / "ScriptedLoadableModule.py").is_file():
+        raise RuntimeError(
+            f"Slicer's upstream Python sources are missing: {folder} has no slicer/ScriptedLoadableModule.py. "
+            "The module tests run on them. Fix: place shared/ (with slicer-upstream/) beside the repository, "
+            "or set UNETSEGMENT_SLICER_UPSTREAM to a folder holding Slicer's Base/Python/slicer sources.")
+    return folder
+
+
+qt, ctk = pythonqt_standin.install()
+import slicer  # noqa: E402  (slicer-core's meta package; its own util is replaced below)
 import vtk  # noqa: E402
 
-MODULE_FILE = Path(__file__).resolve().parents[2] / "UNetSegment" / "UNetSegment.py"
+
+# --- qMRML widgets ----------------------------------------------------------------------------------
 
 
-# --- qt and ctk ------------------------------------------------------------------------------------
+class qMRMLWidget(PythonQtStyle, QtWidgets.QWidget):
+    """A QWidget that holds a scene (`mrmlSceneChanged` signal, `setMRMLScene`, `mrmlScene()`)."""
 
+    mrmlSceneChanged = QtCore.Signal(object)
 
-class ctkCollapsibleButton(QtWidgets.QGroupBox):
     def __init__(self, parent=None):
-        super().__init__(parent)
-        self.collapsed = False
+        QtWidgets.QWidget.__init__(self, parent)
+        self._scene = None
+
+    def setMRMLScene(self, scene):
+        self._scene = scene
+        self.mrmlSceneChanged.emit(scene)
+
+    def mrmlScene(self):
+        return self._scene
 
 
-class qMRMLNodeComboBox(QtWidgets.QComboBox):
-    """Lists the scene's nodes of `nodeTypes` (set from the .ui as a dynamic property)."""
+class _SortFilterProxyModel(PythonQtStyle, QtCore.QObject):
+    """qMRMLSortFilterProxyModel's filter properties that the module uses (hiddenNodeIDs)."""
+
+    def __init__(self, comboBox):
+        QtCore.QObject.__init__(self)
+        self._comboBox = comboBox
+        self._hiddenNodeIDs = []
+
+    def _getHidden(self):
+        return list(self._hiddenNodeIDs)
+
+    def _setHidden(self, ids):
+        self._hiddenNodeIDs = [str(i) for i in ids]
+        self._comboBox._refresh()
+
+    hiddenNodeIDs = QtCore.Property("QStringList", _getHidden, _setHidden)
+
+
+class qMRMLNodeComboBox(PythonQtStyle, QtWidgets.QComboBox):
+    """Lists scene nodes by the real filter rules: nodeTypes, showChildNodeTypes, hideChildNodeTypes,
+    HideFromEditors (unless showHidden), attribute filters, the proxy model's hiddenNodeIDs; with
+    noneEnabled false it picks the first listed node, as qMRMLNodeComboBox does."""
 
     currentNodeChanged = QtCore.Signal(object)
+    currentNodeIDChanged = QtCore.Signal(str)
 
     def __init__(self, parent=None):
-        super().__init__(parent)
+        QtWidgets.QComboBox.__init__(self, parent)
         self._scene = None
         self._observerTags = []
         self._lastNodeId = None
-        self.currentIndexChanged.connect(self._emitIfChanged)
+        self._nodeTypes = []
+        self._hideChildNodeTypes = []
+        self._attributes = []
+        self._flags = {"showChildNodeTypes": True, "noneEnabled": False, "addEnabled": True, "removeEnabled": True,
+                       "renameEnabled": False, "editEnabled": False, "showHidden": False,
+                       "selectNodeUponCreation": True}
+        self._noneDisplay = "None"
+        self._proxy = _SortFilterProxyModel(self)
+        QtWidgets.QComboBox.currentIndexChanged.__get__(self).connect(self._emitIfChanged)
 
-    def setMRMLScene(self, scene):
-        for tag in self._observerTags:
-            self._scene.RemoveObserver(tag)
-        self._scene = scene
-        if scene is None:
-            self._observerTags = []
-            return
-        self._observerTags = [scene.AddObserver(event, lambda *args: self._refresh())
-                              for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent, scene.EndCloseEvent)]
+    # properties as in qMRMLNodeComboBox.h
+    def _getNodeTypes(self):
+        return list(self._nodeTypes)
+
+    def _setNodeTypes(self, types_):
+        self._nodeTypes = [str(t) for t in types_]
         self._refresh()
 
-    def _refresh(self):
-        currentId = self.currentData()
-        self.blockSignals(True)
-        self.clear()
-        if self.property("noneEnabled"):
-            self.addItem(self.property("noneDisplay") or "None", "")
-        for className in self.property("nodeTypes") or []:
+    def _getHideChild(self):
+        return list(self._hideChildNodeTypes)
+
+    def _setHideChild(self, types_):
+        self._hideChildNodeTypes = [str(t) for t in types_]
+        self._refresh()
+
+    def _flagProperty(name):  # noqa: N805 - class-body helper
+        def getter(self):
+            return self._flags[name]
+
+        def setter(self, value):
+            self._flags[name] = bool(value)
+            self._refresh()
+
+        return QtCore.Property(bool, getter, setter)
+
+    def _getNoneDisplay(self):
+        return self._noneDisplay
+
+    def _setNoneDisplay(self, text):
+        self._noneDisplay = str(text)
+        self._refresh()
+
+    def _getCurrentNodeID(self):
+        return QtWidgets.QComboBox.currentData(self) or ""
+
+    def _setCurrentNodeID(self, nodeId):
+        self.setCurrentNodeID(nodeId)
+
+    nodeTypes = QtCore.Property("QStringList", _getNodeTypes, _setNodeTypes)
+    hideChildNodeTypes = QtCore.Property("QStringList", _getHideChild, _setHideChild)
+    showChildNodeTypes = _flagProperty("showChildNodeTypes")
+    noneEnabled = _flagProperty("noneEnabled")
+    addEnabled = _flagProperty("addEnabled")
+    removeEnabled = _flagProperty("removeEnabled")
+    renameEnabled = _flagProperty("renameEnabled")
+    editEnabled = _flagProperty("editEnabled")
+    showHidden = _flagProperty("showHidden")
+    selectNodeUponCreation = _flagProperty("selectNodeUponCreation")
+    noneDisplay = QtCore.Property(str, _getNoneDisplay, _setNoneDisplay)
+    currentNodeID = QtCore.Property(str, _getCurrentNodeID, _setCurrentNodeID)
+    del _flagProperty
+
+    def sortFilterProxyModel(self):
+        return self._proxy
+
+    def addAttribute(self, nodeType, attributeName, attributeValue=None):
+        self._attributes.append((nodeType, attributeName, attributeValue))
+        self._refresh()
+
+    def setMRMLScene(self, scene):
+        if self._scene is not None:
+            for tag in self._observerTags:
+                self._scene.RemoveObserver(tag)
+        self._scene = scene
+        self._observerTags = []
+        if scene is not None:
+            self._observerTags = [scene.AddObserver(event, lambda *args: self._refresh())
+                                  for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent, scene.EndCloseEvent)]
+        self._refresh()
+
+    def mrmlScene(self):
+        return self._scene
+
+    def _accepts(self, node):
+        if node.GetHideFromEditors() and not self._flags["showHidden"]:
+            return False
+        if node.GetID() in self._proxy._hiddenNodeIDs:
+            return False
+        if any(node.IsA(hidden) for hidden in self._hideChildNodeTypes):
+            return False
+        for nodeType, name, value in self._attributes:
+            if node.IsA(nodeType) and (node.GetAttribute(name) is None
+                                       or (value is not None and node.GetAttribute(name) != str(value))):
+                return False
+        return True
+
+    def _listedNodes(self):
+        nodes, seen = [], set()
+        if self._scene is None:
+            return nodes
+        for className in self._nodeTypes:
             for index in range(self._scene.GetNumberOfNodesByClass(className)):
                 node = self._scene.GetNthNodeByClass(index, className)
-                if not node.GetHideFromEditors():
-                    self.addItem(node.GetName(), node.GetID())
+                if not self._flags["showChildNodeTypes"] and node.GetClassName() != className:
+                    continue
+                if node.GetID() not in seen and self._accepts(node):
+                    seen.add(node.GetID())
+                    nodes.append(node)
+        return nodes
+
+    def _refresh(self):
+        currentId = QtWidgets.QComboBox.currentData(self)
+        self.blockSignals(True)
+        self.clear()
+        if self._flags["noneEnabled"]:
+            self.addItem(self._noneDisplay, "")
+        for node in self._listedNodes():
+            self.addItem(node.GetName(), node.GetID())
         index = self.findData(currentId) if currentId else -1
-        self.setCurrentIndex(index if index >= 0 else (0 if self.count() else -1))
+        if index < 0:
+            index = 0 if QtWidgets.QComboBox.count(self) else -1
+        self.setCurrentIndex(index)
         self.blockSignals(False)
         self._emitIfChanged()
 
     def _emitIfChanged(self, *args):
-        nodeId = self.currentData() or None
+        nodeId = QtWidgets.QComboBox.currentData(self) or None
         if nodeId != self._lastNodeId:
             self._lastNodeId = nodeId
             self.currentNodeChanged.emit(self.currentNode())
+            self.currentNodeIDChanged.emit(nodeId or "")
 
     def currentNode(self):
-        nodeId = self.currentData()
+        nodeId = QtWidgets.QComboBox.currentData(self)
         return self._scene.GetNodeByID(nodeId) if (nodeId and self._scene) else None
 
     def setCurrentNode(self, node):
-        index = self.findData(node.GetID() if node is not None else "")
+        self.setCurrentNodeID(node.GetID() if node is not None else "")
+
+    def setCurrentNodeID(self, nodeId):
+        index = self.findData(nodeId or "")
         if index >= 0:
             self.setCurrentIndex(index)
 
+    def nodeCount(self):
+        return len(self._listedNodes())
 
-class _StandInUiLoader(QUiLoader):
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        for widgetClass in (ctkCollapsibleButton, qMRMLNodeComboBox):
-            self.registerCustomWidget(widgetClass)
-
-
-def _makeQtModule():
-    qt = types.ModuleType("qt")
-    for source in (QtCore, QtGui, QtWidgets):
-        for name in dir(source):
-            if not name.startswith("_"):
-                setattr(qt, name, getattr(source, name))
-    qt.QUiLoader = _StandInUiLoader
-    return qt
+    def nodeFromIndex(self, index):
+        return self._listedNodes()[index]
 
 
-def _makeCtkModule():
-    ctk = types.ModuleType("ctk")
-    ctk.ctkCollapsibleButton = ctkCollapsibleButton
-    return ctk
+pythonqt_standin.QUiLoader.customWidgets.update(qMRMLNodeComboBox=qMRMLNodeComboBox, qMRMLWidget=qMRMLWidget)
 
 
-def childWidgetVariables(widget):
-    ui = types.SimpleNamespace()
-    for child in widget.findChildren(QtCore.QObject):
-        if child.objectName():
-            setattr(ui, child.objectName(), child)
-    return ui
+# --- the application: slicer.app, module manager, main window -----------------------------------------
 
 
-# --- parameterNodeWrapper --------------------------------------------------------------------------
+class _ModuleManager(PythonQtStyle, QtCore.QObject):
+    moduleAboutToBeUnloaded = QtCore.Signal(str)
+
+    def __init__(self):
+        QtCore.QObject.__init__(self)
+        self._modules = {}
+
+    def module(self, name):
+        return self._modules.get(name)
+
+    def factoryManager(self):
+        manager = types.SimpleNamespace(loadedModuleNames=lambda: list(self._modules))
+        return manager
 
 
-class Choice:
-    def __init__(self, choices):
-        self.choices = list(choices)
+class _ModuleSelector(PythonQtStyle, QtCore.QObject):
+    def __init__(self):
+        QtCore.QObject.__init__(self)
+        self.selected = []
 
-    def validate(self, name, value):
-        if value not in self.choices:
-            raise ValueError(f"{name}={value!r} is not one of {self.choices}")
-
-
-class WithinRange:
-    def __init__(self, minimum, maximum):
-        self.minimum, self.maximum = minimum, maximum
-
-    def validate(self, name, value):
-        if not self.minimum <= value <= self.maximum:
-            raise ValueError(f"{name}={value!r} is outside [{self.minimum}, {self.maximum}]")
+    def selectModule(self, name):
+        self.selected.append(name)
+        module = slicer.app.moduleManager().module(name)
+        if module is not None and hasattr(module, "widgetRepresentation"):
+            module.widgetRepresentation()
 
 
-def _isNodeType(valueType):
-    return isinstance(valueType, type) and issubclass(valueType, slicer.vtkMRMLNode)
+class qSlicerMainWindow(PythonQtStyle, QtWidgets.QWidget):
+    def __init__(self):
+        QtWidgets.QWidget.__init__(self)
+        QtCore.QObject.setObjectName(self, "qSlicerMainWindow")
+        self._selector = _ModuleSelector()
+
+    def moduleSelector(self):
+        return self._selector
+
+    def statusBar(self):
+        return None
 
 
-def _parse(valueType, text):
-    if valueType is bool:
-        return text == "True"
-    return valueType(text)
+class _CommandOptions:
+    runPythonAndExit = False
+    noMainWindow = True
 
 
-def parameterNodeWrapper(cls):
-    """Typed attributes stored in a real vtkMRMLScriptedModuleNode, like Slicer's wrapper."""
-    fields = {}
-    for name, annotation in typing.get_type_hints(cls, include_extras=True).items():
-        validators = []
-        if typing.get_origin(annotation) is typing.Annotated:
-            annotation, *validators = typing.get_args(annotation)
-        fields[name] = (annotation, getattr(cls, name, None), validators)
+class qSlicerApplication(PythonQtStyle, QtWidgets.QApplication):
+    def __init__(self, argv):
+        QtWidgets.QApplication.__init__(self, argv)
+        self._moduleManager = _ModuleManager()
+        self._options = _CommandOptions()
+        self.mainWindowStandIn = qSlicerMainWindow()
+        self.exitCodes = []
 
-    def __init__(self, parameterNode):
-        self.parameterNode = parameterNode
-        self._guiBindings = {}
-        for name, (valueType, default, _) in fields.items():
-            if not _isNodeType(valueType) and not parameterNode.GetParameter(name):
-                parameterNode.SetParameter(name, str(default))
+    def moduleManager(self):
+        return self._moduleManager
 
-    def makeProperty(name, valueType, validators):
-        def getter(self):
-            if _isNodeType(valueType):
-                return self.parameterNode.GetNodeReference(name)
-            return _parse(valueType, self.parameterNode.GetParameter(name))
+    def commandOptions(self):
+        return self._options
 
-        def setter(self, value):
-            if _isNodeType(valueType):
-                self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
-                return
-            value = valueType(value)
-            for validator in validators:
-                validator.validate(name, value)
-            self.parameterNode.SetParameter(name, str(value))
+    def userSettings(self):
+        return qt.QSettings()
 
-        return property(getter, setter)
+    def settings(self):
+        return qt.QSettings()
 
-    def connectGui(self, ui):
-        """Binds widgets whose `SlicerParameterName` names a field; returns a tag for disconnectGui."""
-        bindings = []
-        for widget in vars(ui).values():
-            name = widget.property("SlicerParameterName") if isinstance(widget, QtCore.QObject) else None
-            if name not in fields:
-                continue
-            if isinstance(widget, qMRMLNodeComboBox):
-                signal, push = widget.currentNodeChanged, widget.setCurrentNode
-                pull = widget.currentNode
-            elif isinstance(widget, QtWidgets.QAbstractButton):
-                signal, push, pull = widget.toggled, widget.setChecked, widget.isChecked
-            else:  # spin boxes
-                signal, push, pull = widget.valueChanged, widget.setValue, widget.value
+    def layoutManager(self):
+        return None
 
-            def toNode(*args, name=name, pull=pull):
-                setattr(self, name, pull())
+    def translate(self, context, text):
+        return QtCore.QCoreApplication.translate(context, text)
 
-            signal.connect(toNode)
-            bindings.append((widget, signal, toNode, name, push))
-
-        def toWidgets(*args):
-            for widget, _, _, name, push in bindings:
-                widget.blockSignals(True)
-                push(getattr(self, name))
-                widget.blockSignals(False)
-
-        toWidgets()
-        for widget, _, _, name, _ in bindings:  # like Slicer: an empty node reference takes the combo's pick
-            if isinstance(widget, qMRMLNodeComboBox) and getattr(self, name) is None and widget.currentNode():
-                setattr(self, name, widget.currentNode())
-        observer = self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, toWidgets)
-        tag = object()
-        self._guiBindings[tag] = (bindings, observer)
-        return tag
-
-    def disconnectGui(self, tag):
-        bindings, observer = self._guiBindings.pop(tag)
-        self.parameterNode.RemoveObserver(observer)
-        for _, signal, toNode, _, _ in bindings:
-            signal.disconnect(toNode)
-
-    namespace = {"__init__": __init__, "connectGui": connectGui, "disconnectGui": disconnectGui,
-                 "__bool__": lambda self: True}
-    for name, (valueType, _, validators) in fields.items():
-        namespace[name] = makeProperty(name, valueType, validators)
-    return type(cls.__name__, (), namespace)
+    def exit(self, status=0):
+        self.exitCodes.append(status)
 
 
-# --- ScriptedLoadableModule base classes -----------------------------------------------------------
+# --- Slicer's module machinery: registration and widget representation --------------------------------
 
 
-class ScriptedLoadableModule:
-    def __init__(self, parent):
-        self.parent = parent
-        self.moduleName = type(self).__name__
+class qSlicerScriptedLoadableModule(PythonQtStyle, QtCore.QObject):
+    """What Slicer passes as `parent` to the module class: a C++ module with settable metadata."""
+
+    def __init__(self, name, path):
+        QtCore.QObject.__init__(self)
+        self.name = name
+        self.path = str(path)
+        self.title = ""
+        self.categories = []
+        self.dependencies = []
+        self.contributors = []
+        self.helpText = ""
+        self.acknowledgementText = ""
+        self.icon = None
+        self.instance = None
+        self._widget = None
+
+    def widgetRepresentation(self):
+        """Created on first use, like Slicer: widget class(parent=representation), then setup()."""
+        if self._widget is None:
+            pythonModule = sys.modules[self.name]
+            representation = qSlicerScriptedLoadableModuleWidget()
+            widget = getattr(pythonModule, self.name + "Widget")(representation)
+            representation._self = widget
+            setattr(slicer.modules, self.name + "Widget", widget)
+            widget.setup()
+            self._widget = representation
+        return self._widget
+
+    def logic(self):
+        return None
 
 
-class ScriptedLoadableModuleWidget:
-    def __init__(self, parent=None):
-        self.moduleName = type(self).__name__[:-len("Widget")]
-        self.parent = parent if parent is not None else QtWidgets.QWidget()
-        self.parent.isEntered = False
-        if self.parent.layout() is None:
-            QtWidgets.QVBoxLayout(self.parent)
-        self.layout = self.parent.layout()
+class qSlicerScriptedLoadableModuleWidget(qMRMLWidget):
+    """The module panel's C++ side: `isEntered`, `self()` returning the Python widget, enter/exit."""
 
-    def setup(self):
-        pass
+    def __init__(self):
+        qMRMLWidget.__init__(self)
+        QtWidgets.QVBoxLayout(self)
+        self.setMRMLScene(slicer.mrmlScene)
+        self._self = None
+        self._entered = False
 
-    def resourcePath(self, filename):
-        moduleDir = os.path.dirname(sys.modules[type(self).__module__].__file__)
-        return os.path.join(moduleDir, "Resources", filename)
+    def _getEntered(self):
+        return self._entered
 
+    isEntered = QtCore.Property(bool, _getEntered)
 
-class ScriptedLoadableModuleLogic:
-    def __init__(self, parent=None):
-        self.moduleName = type(self).__name__[:-len("Logic")]
+    def self(self):
+        return self._self
 
-    def getParameterNode(self):
-        scene = slicer.mrmlScene
-        node = scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
-        if node is None:
-            node = slicer.vtkMRMLScriptedModuleNode()
-            node.SetName(scene.GenerateUniqueName(self.moduleName))
-            node.SetAttribute("ModuleName", self.moduleName)
-            node.SetSingletonTag(self.moduleName)
-            node = scene.AddNode(node)
-        return node
+    def enter(self):
+        self._entered = True
+        self._self.enter()
+
+    def exit(self):
+        self._entered = False
+        self._self.exit()
 
 
-class ScriptedLoadableModuleTest(unittest.TestCase):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.messages = []
+class SegmentEditorWidgetStandIn:
+    """qMRMLSegmentEditorWidget's selection calls, recorded (the Segment Editor module is compiled)."""
 
-    def delayDisplay(self, message, msec=None):
-        self.messages.append(message)
-        logging.info(message)
+    def __init__(self):
+        self.segmentationNode = None
+        self.sourceVolumeNode = None
+
+    def setSegmentationNode(self, node):
+        self.segmentationNode = node
+
+    def setSourceVolumeNode(self, node):
+        self.sourceVolumeNode = node
 
 
-# --- installing it all -----------------------------------------------------------------------------
+class _SegmentEditorModule(qSlicerScriptedLoadableModule):
+    def __init__(self):
+        super().__init__("SegmentEditor", "")
+        self.editorStandIn = SegmentEditorWidgetStandIn()
+
+    def widgetRepresentation(self):
+        holder = types.SimpleNamespace(self=lambda: types.SimpleNamespace(editor=self.editorStandIn))
+        return holder
+
+
+# --- installing it all ----------------------------------------------------------------------------------
+
+
+def _useUpstreamSources():
+    folder = upstreamDir() / "slicer"
+    if str(folder) not in slicer.__path__:
+        slicer.__path__.insert(0, str(folder))
+    for name in UPSTREAM_MODULES:
+        sys.modules.pop(name, None)
+    for name in UPSTREAM_MODULES:
+        module = importlib.import_module(name)
+        setattr(slicer, name.split(".")[1], module)
+        assert Path(module.__file__).resolve().is_relative_to(folder.resolve()), module.__file__
 
 
 def install():
-    """Idempotent: a real scene and the stand-ins, as the Slicer application would provide them."""
+    """Idempotent: the application as Slicer would provide it, then Slicer's own Python sources."""
     if getattr(slicer, "mrmlScene", None) is not None:
         return
-    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    app = QtWidgets.QApplication.instance() or qSlicerApplication([])
+    QtCore.QCoreApplication.setOrganizationName("UNetSegmentTests")  # QSettings never touch real settings
     scene = slicer.vtkMRMLScene()
     scene.SetUndoOn()  # Slicer's "enable undo" application setting
     segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
     segmentationsLogic.SetMRMLScene(scene)  # registers the representation converters, as Slicer does
+    volumesLogic = slicer.vtkSlicerVolumesLogic()
+    volumesLogic.SetMRMLScene(scene)
 
     slicer.mrmlScene = scene
     slicer.app = app
-    volumesLogic = slicer.vtkSlicerVolumesLogic()
-    volumesLogic.SetMRMLScene(scene)
-    slicer.modules = types.SimpleNamespace(segmentations=types.SimpleNamespace(logic=lambda: segmentationsLogic),
-                              volumes=types.SimpleNamespace(logic=lambda: volumesLogic))
-    slicer.util.childWidgetVariables = childWidgetVariables
-    sys.modules["qt"] = _makeQtModule()
-    sys.modules["ctk"] = _makeCtkModule()
-
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for item in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                 ScriptedLoadableModuleTest):
-        setattr(scripted, item.__name__, item)
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper, wrapper.Choice, wrapper.WithinRange = parameterNodeWrapper, Choice, WithinRange
-    for module in (scripted, wrapper):
-        sys.modules[module.__name__] = module
-        setattr(slicer, module.__name__.split(".")[1], module)
+    slicer.qMRMLWidget = qMRMLWidget
+    slicer.qSlicerWidget = qMRMLWidget
+    slicer.qMRMLNodeComboBox = qMRMLNodeComboBox
+    slicer.qSlicerScriptedLoadableModule = qSlicerScriptedLoadableModule
+    for name in ("qMRMLSliderWidget", "qMRMLSpinBox", "qMRMLRangeWidget", "qMRMLScreenShotDialog", "qMRMLUtils",
+                 "qMRMLSubjectHierarchyTreeView", "qMRMLSegmentSelectorWidget"):
+        setattr(slicer, name, type(name, (pythonqt_standin._Missing,), {}))
+    slicer.modules = types.SimpleNamespace(
+        segmentations=types.SimpleNamespace(logic=lambda: segmentationsLogic),
+        volumes=types.SimpleNamespace(logic=lambda: volumesLogic),
+        segmenteditor=_SegmentEditorModule())
+    app._moduleManager._modules["SegmentEditor"] = slicer.modules.segmenteditor
+    _useUpstreamSources()
 
 
-def loadModule():
-    """Imports UNetSegment/UNetSegment.py as Slicer would (by file), after `install()`."""
+def registerModule():
+    """What Slicer does at startup for a scripted module: import the file, create the module object."""
     install()
     if "UNetSegment" in sys.modules:
         return sys.modules["UNetSegment"]
+    moduleObject = qSlicerScriptedLoadableModule("UNetSegment", MODULE_FILE)
     spec = importlib.util.spec_from_file_location("UNetSegment", MODULE_FILE)
     module = importlib.util.module_from_spec(spec)
     sys.modules["UNetSegment"] = module
     spec.loader.exec_module(module)
-    slicer.modules.unetsegment = types.SimpleNamespace(path=str(MODULE_FILE))
+    moduleObject.instance = module.UNetSegment(moduleObject)
+    slicer.modules.unetsegment = moduleObject
+    slicer.app.moduleManager()._modules["UNetSegment"] = moduleObject
     return module
 
 
-def processEventsUntil(condition, timeout_s=60.0):
-    """The Slicer event loop, in small steps, until `condition()` or the timeout."""
-    import time
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        QtWidgets.QApplication.processEvents(QtCore.QEventLoop.AllEvents, 20)
-        time.sleep(0.01)
-    return True
+def loadModule():
+    return registerModule()
+
+
+def createPanel():
+    """A fresh module panel as Slicer builds it (representation -> Widget(parent) -> setup -> enter)."""
+    module = registerModule()
+    moduleObject = slicer.modules.unetsegment
+    moduleObject._widget = None
+    representation = moduleObject.widgetRepresentation()
+    representation.enter()
+    return representation.self()
+
+
+def closePanel(widget):
+    """Leave and unload the panel as Slicer does (exit, then moduleAboutToBeUnloaded -> cleanup)."""
+    representation = widget.parent
+    if representation.isEntered:
+        representation.exit()
+    slicer.app.moduleManager().moduleAboutToBeUnloaded.emit(widget.moduleName)
+    for selector in ("inputVolumeSelector", "outputSegmentationSelector", "roiSelector"):
+        comboBox = getattr(widget.ui, selector, None)
+        if comboBox is not None:
+            comboBox.setMRMLScene(None)
