@@ -1,7 +1,10 @@
 """Reading and writing volumes (NRRD incl. Slicer .seg.nrrd, NIfTI, MHA, DICOM series) and datasets.
 
 Every read failure becomes an ImageReadError that names the file and the likely fix, so front ends
-never show an ITK stack trace. Writes are atomic: a crash never leaves half a file behind.
+never show an ITK stack trace. Headers are checked against the memory budget before any voxel is
+decompressed; DICOM series are checked for missing, duplicated and unevenly spaced slices. Writes
+go through `publish.temporary_output`: a temp file beside the target, published without replacing
+anything unless asked, so a crash, a full disk or Ctrl+C never leaves half a file or loses one.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import gzip
 import json
 import os
 import re
+import stat
 import struct
-import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import ImageReadError, InputError
+from . import memory
+from .errors import ImageReadError, InputError, OutputError, SchemaError, UNetSegmentWarning, from_os_error
+from .publish import temporary_output
 
 IMAGE_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
@@ -45,7 +51,52 @@ def is_image_file(path) -> bool:
     return Path(path).is_file() and image_extension(path) in IMAGE_EXTENSIONS
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+IRREGULAR_SERIES_FLAG = "--accept-irregular-series"
+SLICE_SPACING_TOLERANCE = 0.1  # relative deviation from the median slice distance that counts as uneven
+
+
+def _slice_positions(files) -> list[float] | None:
+    """Distance of each slice along the series normal (None when positions/orientation are absent)."""
+    positions, normal = [], None
+    reader = sitk.ImageFileReader()
+    for name in files:
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+            if normal is None:
+                cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+                normal = np.cross(cosines[:3], cosines[3:6])
+        except (RuntimeError, ValueError, IndexError):
+            return None
+        if len(position) != 3:
+            return None
+        positions.append(float(np.dot(normal, position)))
+    return positions
+
+
+def check_slice_spacing(positions, where: str) -> str | None:
+    """A sentence describing missing, duplicated or unevenly spaced slices, or None for a regular series."""
+    if positions is None or len(positions) < 3:
+        return None
+    ordered = np.sort(np.asarray(positions, dtype=float))
+    gaps = np.diff(ordered)
+    median = float(np.median(gaps))
+    duplicates = np.flatnonzero(gaps < 1e-3 * max(median, 1e-3))
+    if duplicates.size:
+        index = int(duplicates[0])
+        return (f"{where} has {duplicates.size} duplicated slice position(s) (e.g. two slices at "
+                f"{ordered[index]:.2f} mm along the slice normal)")
+    deviation = np.abs(gaps - median) / median
+    worst = int(np.argmax(deviation))
+    if deviation[worst] <= SLICE_SPACING_TOLERANCE:
+        return None
+    kind = "a slice is missing" if gaps[worst] > 1.5 * median else "slices are unevenly spaced"
+    return (f"{where} has a gap of {gaps[worst]:.2f} mm between the slices at {ordered[worst]:.2f} and "
+            f"{ordered[worst + 1]:.2f} mm, where the others are {median:.2f} mm apart ({kind})")
+
+
+def _read_dicom_series(folder: Path, accept_irregular: bool = False) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     try:
         series = reader.GetGDCMSeriesIDs(str(folder))
@@ -58,6 +109,22 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise ImageReadError(f"{folder} holds {len(series)} DICOM series ({', '.join(series[:3])}...); which one "
                              "to segment is ambiguous.", "Put each series in its own folder.")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    problem = check_slice_spacing(_slice_positions(files), f"The DICOM series in {folder}")
+    if problem and not accept_irregular:
+        raise ImageReadError(f"{problem}; stacked as it is, its geometry would be wrong.",
+                             f"Re-export the complete series, or pass {IRREGULAR_SERIES_FLAG} to segment it anyway.")
+    if problem:
+        warnings.warn(f"{problem}; segmenting it anyway ({IRREGULAR_SERIES_FLAG}).", UNetSegmentWarning, 2)
+    if files:
+        reader_info = sitk.ImageFileReader()
+        reader_info.SetFileName(files[0])
+        try:
+            reader_info.ReadImageInformation()
+            size = list(reader_info.GetSize()[:2]) + [len(files)]
+            memory.check_image_header(size, reader_info.GetNumberOfComponents(),
+                                      _bytes_per_component(reader_info.GetPixelID()), folder)
+        except RuntimeError:
+            pass  # the series reader below reports unreadable slices
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
@@ -123,19 +190,50 @@ def _check_nifti_complete(path: Path) -> None:
         raise ImageReadError(f"{path} is truncated: {total} of {expected} bytes.", "Re-export or re-download the file.")
 
 
-def _read_file(path: Path) -> sitk.Image:
+def _bytes_per_component(pixel_id: int) -> int:
+    name = sitk.GetPixelIDValueAsString(pixel_id).lower()
+    for token, size in (("64-bit", 8), ("32-bit", 4), ("16-bit", 2), ("8-bit", 1), ("double", 8), ("float", 4)):
+        if token in name:
+            return size * (2 if "complex" in name else 1)
+    return 8
+
+
+def _check_header(reader: sitk.ImageFileReader, path: Path) -> None:
+    """Before any voxel is decompressed: complex data, and the size the header claims vs the memory budget."""
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in pixel.lower():
+        raise InputError(f"{path} holds complex-valued voxels ({pixel}); UNetSegment segments real intensities.",
+                         "Save the magnitude image (e.g. sitk.ComplexToModulus) and segment that.")
+    memory.check_image_header(reader.GetSize(), reader.GetNumberOfComponents(),
+                              _bytes_per_component(reader.GetPixelID()), path)
+
+
+def _read_file(path: Path, accept_irregular: bool = False) -> sitk.Image:
     if not path.exists():
         raise ImageReadError(f"{path} does not exist.", "Check the path and file name.")
-    if path.is_dir():
-        return _read_dicom_series(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise from_os_error(error, "read", path, ImageReadError) from None
+    if stat.S_ISDIR(mode):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ImageReadError(f"Cannot read the folder {path}: permission denied.", "Check its permissions.")
+        return _read_dicom_series(path, accept_irregular)
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise ImageReadError(f"{path} is {kind}, not an image file.", "Save the image to a file and pass that file.")
+    if not os.access(path, os.R_OK):
+        raise ImageReadError(f"Cannot read {path}: permission denied.", "Check the file's permissions.")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path} is empty (0 bytes).", "Re-export or re-download the file.")
-    if image_extension(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
+        _check_header(reader, path)
+        if image_extension(path) in (".nii", ".nii.gz"):
+            _check_nifti_complete(path)
         return reader.Execute()
     except RuntimeError as error:
         hint = ("The file may be truncated or corrupt; re-export it." if image_extension(path) in IMAGE_EXTENSIONS
@@ -197,10 +295,17 @@ def _is_segmentation(path: Path, image: sitk.Image) -> bool:
     return path.name.lower().endswith(SEGMENTATION_SUFFIX) or image.HasMetaDataKey("Segment0_ID")
 
 
-def read_image(path) -> sitk.Image:
-    """Read a volume; a Slicer .seg.nrrd is returned as its labelmap."""
+def read_image(path, accept_irregular_series: bool = False) -> sitk.Image:
+    """Read a volume; a Slicer .seg.nrrd is returned as its labelmap.
+
+    A DICOM series with missing, duplicated or unevenly spaced slices is refused unless
+    `accept_irregular_series` (then a UNetSegmentWarning names the gap).
+    """
     path = Path(path)
-    image = _read_file(path)
+    image = _read_file(path, accept_irregular_series)
+    if "complex" in image.GetPixelIDTypeAsString().lower():
+        raise InputError(f"{path} holds complex-valued voxels; UNetSegment segments real intensities.",
+                         "Save the magnitude image (e.g. sitk.ComplexToModulus) and segment that.")
     if _is_segmentation(path, image):
         return segmentation_to_labelmap(image)
     if image.GetDimension() == 2:  # a single slice: a volume one voxel deep, so geometry stays 3D
@@ -227,44 +332,42 @@ def read_labelmap(path) -> sitk.Image:
                              "Pass a labelmap whose voxels are label numbers (0 = background).")
     if array.size and array.min() < 0:
         raise InputError(f"{path} holds negative label values.", "Label values must be 0 (background) or above.")
-    pixel = sitk.sitkUInt8 if _max_value(image) <= 255 else sitk.sitkUInt16
+    largest = _max_value(image)  # checked before the cast: 65537 must not become 1
+    if largest > 2 ** 32 - 1:
+        raise InputError(f"{path} holds label value {largest:.0f}, above the largest supported (4294967295).",
+                         "Renumber the labels (0 = background, 1, 2, ...).")
+    pixel = sitk.sitkUInt8 if largest <= 255 else sitk.sitkUInt16 if largest <= 65535 else sitk.sitkUInt32
     return sitk.Cast(image, pixel) if image.GetPixelID() != pixel else image
 
 
-def write_image(image: sitk.Image, path, overwrite: bool = False, compress: bool = True) -> Path:
-    """Write atomically (temp file beside the target, then os.replace); never overwrite silently."""
+def write_image(image: sitk.Image, path, overwrite: bool = False, compress: bool = True, cancel=None) -> Path:
+    """Write through a temp file beside the target; never replace an existing file unless `overwrite`.
+
+    `cancel` (a CancelToken) is checked at the publish: after cancel nothing is written.
+    """
     path = Path(path)
     extension = image_extension(path)
     if extension not in IMAGE_EXTENSIONS or extension == SEGMENTATION_SUFFIX:
         raise InputError(f"Cannot write {path}: unsupported extension '{extension or path.suffix}'.",
                          "Use .nrrd, .nii.gz, .nii or .mha (or write_segmentation for .seg.nrrd).")
-    return _write_atomic(image, path, overwrite, compress)
+    return _write_atomic(image, path, overwrite, compress, cancel)
 
 
-def _write_atomic(image: sitk.Image, path: Path, overwrite: bool, compress: bool) -> Path:
-    if path.is_dir():
-        raise InputError(f"{path} is a folder.", "Give a file name such as segmentation.nrrd.")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; it was not overwritten.",
-                         "Choose another output path or pass --overwrite (overwrite=True).")
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_atomic(image: sitk.Image, path: Path, overwrite: bool, compress: bool, cancel=None) -> Path:
     extension = ".nrrd" if image_extension(path) == SEGMENTATION_SUFFIX else image_extension(path)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{strip_extension(path)}.tmp", suffix=extension, dir=path.parent)
-    os.close(handle)
-    try:
-        sitk.WriteImage(image, temp_name, compress)
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except RuntimeError as error:
-        raise InputError(f"Cannot write {path} ({_first_line(error)}).",
-                         "Check that the folder is writable and the disk is not full.") from None
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+    with temporary_output(path, overwrite, suffix=extension, cancel=cancel) as temp:
+        try:
+            sitk.WriteImage(image, str(temp), compress)
+        except RuntimeError as error:
+            reason = _first_line(error)
+            if "No space left" in reason or "Errno 28" in reason:
+                reason = "the disk is full"
+            raise OutputError(f"Cannot write {path} ({reason}).",
+                              "Check that the folder is writable and the disk is not full.") from None
     return path
 
 
-def write_segmentation(labelmap: sitk.Image, labels, path, overwrite: bool = False) -> Path:
+def write_segmentation(labelmap: sitk.Image, labels, path, overwrite: bool = False, cancel=None) -> Path:
     """Write a labelmap as a Slicer .seg.nrrd so segment names and colours survive (labels: LabelInfo list)."""
     path = Path(path)
     if not path.name.lower().endswith(SEGMENTATION_SUFFIX):
@@ -290,25 +393,15 @@ def write_segmentation(labelmap: sitk.Image, labels, path, overwrite: bool = Fal
                            ("Layer", "0"), ("Extent", extent), ("Tags", "")):
             segmentation.SetMetaData(prefix + key, value)
         index += 1
-    return _write_atomic(segmentation, path, overwrite, compress=True)
+    return _write_atomic(segmentation, path, overwrite, compress=True, cancel=cancel)
 
 
-def write_text(text: str, path, overwrite: bool = False) -> Path:
-    """Atomic text write (CSV, reports) with the same no-silent-overwrite rule as images."""
+def write_text(text: str, path, overwrite: bool = False, cancel=None) -> Path:
+    """Text (CSV, reports) with the same temp-file and no-silent-overwrite rules as images."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; it was not overwritten.",
-                         "Choose another output path or pass --overwrite.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+    with temporary_output(path, overwrite, cancel=cancel) as temp:
+        with open(temp, "w", encoding="utf-8", newline="") as stream:
             stream.write(text)
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
     return path
 
 
@@ -344,47 +437,45 @@ class Dataset:
     channels: dict[int, str] = field(default_factory=dict)
 
 
-def _parse_labels(raw, manifest: Path) -> dict[int, str]:
-    if not isinstance(raw, dict) or not raw:
-        raise InputError(f"{manifest} has no 'labels' dictionary.",
-                         'Add e.g. "labels": {"0": "background", "1": "liver"}.')
-    try:
-        if all(str(key).lstrip("-").isdigit() for key in raw):  # Decathlon / nnU-Net v1
-            labels = {int(key): str(name) for key, name in raw.items()}
-        else:  # nnU-Net v2: {"background": 0, "liver": 1}
-            labels = {int(value): str(name) for name, value in raw.items()}
-    except (TypeError, ValueError):
-        raise InputError(f"{manifest} labels {raw} are not name/number pairs.",
-                         'Use {"0": "background", "1": "liver"} or {"background": 0, "liver": 1}.') from None
-    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
-        raise InputError(f"{manifest} labels {labels} are not 0..N-1 with a foreground label.",
-                         "Number the labels 0 (background), 1, 2, ... in dataset.json.")
-    return labels
-
-
 def read_dataset(folder) -> Dataset:
-    """A Medical Segmentation Decathlon / nnU-Net (v1, v2) folder: imagesTr/, labelsTr/, dataset.json."""
+    """A Medical Segmentation Decathlon / nnU-Net (v1, v2) folder: imagesTr/, labelsTr/, dataset.json.
+
+    dataset.json is validated field by field (UNetSegmentLib.schema) before any of it is used.
+    """
+    from .schema import validate_dataset
+
     folder = Path(folder)
     manifest = folder / "dataset.json"
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder.",
+                         "Point to a Decathlon/nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json).")
     if not manifest.is_file():
         raise InputError(f"{folder} has no dataset.json.",
                          "Point to a Decathlon/nnU-Net dataset folder (imagesTr/, labelsTr/, dataset.json).")
+    if manifest.stat().st_size > 64 * 2 ** 20:
+        raise InputError(f"{manifest} is {manifest.stat().st_size / 2 ** 20:.0f} MB; a dataset.json is a few KB.",
+                         "Point to the right dataset.json.")
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{manifest} cannot be read ({error}).", "Fix or regenerate dataset.json.") from None
-    labels = _parse_labels(data.get("labels"), manifest)
-    raw_channels = data.get("channel_names") or data.get("modality") or {"0": "MR"}
-    channels = {int(key): str(value) for key, value in raw_channels.items()}
+        text = manifest.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SchemaError(f"{manifest} is not UTF-8 text.", "Save dataset.json as UTF-8 JSON.", field="(file)") from None
+    except OSError as error:
+        raise from_os_error(error, "read", manifest, InputError) from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise SchemaError(f"{manifest} is not valid JSON ({str(error)[:200]}).", "Fix or regenerate dataset.json.",
+                          field="(file)") from None
+    fields = validate_dataset(data, str(manifest))
+    labels, channels, ending = fields["labels"], fields["channels"], fields["file_ending"]
     modality = channels[min(channels)]
-    ending = data.get("file_ending", ".nii.gz")
     cases = []
-    for entry in data.get("training") or []:
-        label_path = (folder / entry["label"]).resolve()
+    for image_entry, label_entry in fields["training"]:
+        label_path = (folder / label_entry).resolve()
         case_id = strip_extension(label_path)
         image_path = folder / "imagesTr" / f"{case_id}_0000{image_extension(label_path) or ending}"
-        if not image_path.is_file() and "image" in entry:
-            image_path = (folder / entry["image"]).resolve()  # Decathlon lists 4D images without _0000
+        if not image_path.is_file() and image_entry is not None:
+            image_path = (folder / image_entry).resolve()  # Decathlon lists 4D images without _0000
         cases.append(DatasetCase(case_id, Path(image_path), label_path))
     if not cases:  # nnU-Net v2 need not list its cases
         labels_dir = folder / "labelsTr"
@@ -398,4 +489,4 @@ def read_dataset(folder) -> Dataset:
     if missing:
         raise InputError(f"{len(missing)} dataset files are missing, e.g. {missing[0]}.",
                          "Check imagesTr/ and labelsTr/ against dataset.json.")
-    return Dataset(folder, str(data.get("name", folder.name)), cases, labels, modality, channels)
+    return Dataset(folder, fields["name"] or folder.name, cases, labels, modality, channels)

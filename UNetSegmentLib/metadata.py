@@ -29,6 +29,8 @@ class LabelInfo:
     value: int  # voxel value in the labelmap; 0 is background
     name: str
     color: tuple[float, float, float]  # RGB in 0..1, as Slicer segments use
+    # standard codes, DICOM style {"category"|"type"|"modifier"|"region": [scheme, code, meaning]}
+    terminology: Optional[dict] = None
 
 
 @dataclass
@@ -63,6 +65,9 @@ class ModelMetadata:
     training: dict[str, Any] = field(default_factory=dict)  # dataset summary, epochs, seconds, fold
     validation_dice: dict[str, float] = field(default_factory=dict)  # label name -> Dice
     description: str = ""
+    # A foreign recipe replayed exactly at inference instead of the steps above (issue 14): {"kind": "nnunet", ...},
+    # see UNetSegmentLib/interop/nnunet_plans.py; None for UNetSegment's own models.
+    preprocessing: Optional[dict[str, Any]] = None
 
     @property
     def out_channels(self) -> int:
@@ -75,37 +80,15 @@ class ModelMetadata:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "checkpoint") -> "ModelMetadata":
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{source} has no metadata dictionary.",
-                                  "Use a checkpoint written by UNetSegment (python -m UNetSegmentLib train).")
-        required = ("architecture", "architecture_kwargs", "spatial_dims", "in_channels", "labels",
-                    "patch_size", "target_spacing")
-        missing = [key for key in required if key not in data]
-        if missing:
-            raise CheckpointError(f"{source} metadata lacks {', '.join(missing)}.",
-                                  "The file is incomplete or from another tool; retrain or re-export it.")
-        try:
-            labels = [LabelInfo(int(item["value"]), str(item["name"]), tuple(float(c) for c in item["color"]))
-                      for item in data["labels"]]
-            normalization = Normalization(**(data.get("normalization") or {}))
-            known = {f for f in cls.__dataclass_fields__}
-            kwargs = {key: value for key, value in data.items() if key in known}
-            kwargs.update(labels=labels, normalization=normalization)
-            metadata = cls(**kwargs)
-        except (TypeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"{source} metadata is malformed ({error}).",
-                                  "Retrain or re-export the model with this version of UNetSegment.") from None
-        metadata.validate(source)
-        return metadata
+        """Validated field by field (UNetSegmentLib.schema): a bad field is a MetadataError naming it."""
+        from .schema import validate_metadata
+
+        fields = validate_metadata(data, source)
+        labels = [LabelInfo(*entry) for entry in fields.pop("labels")]
+        normalization = Normalization(**fields.pop("normalization"))
+        return cls(labels=labels, normalization=normalization, **fields)
 
     def validate(self, source: str = "checkpoint") -> None:
-        if self.spatial_dims not in (2, 3):
-            raise CheckpointError(f"{source} declares spatial_dims={self.spatial_dims}; only 2 or 3 are valid.")
-        if len(self.labels) < 2 or sorted(label.value for label in self.labels) != list(range(len(self.labels))):
-            raise CheckpointError(f"{source} label values must be 0..N-1 with background 0 and at least one "
-                                  "foreground label.", "Re-export the model with consistent label names.")
-        if len(self.patch_size) != self.spatial_dims or len(self.target_spacing) != 3:
-            raise CheckpointError(f"{source} patch size {self.patch_size} or target spacing "
-                                  f"{self.target_spacing} does not fit a {self.spatial_dims}D model.")
-        if self.sampler not in ("sliding_window", "topk"):
-            raise CheckpointError(f"{source} names unknown sampler '{self.sampler}'.")
+        from .schema import validate_metadata
+
+        validate_metadata(self.to_dict(), source)

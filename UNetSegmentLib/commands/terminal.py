@@ -46,12 +46,55 @@ class ProgressBar:
 
 @contextlib.contextmanager
 def cancel_on_interrupt():
-    """Ctrl+C sets a CancelToken so the work stops between units and nothing half-done is written."""
+    """Ctrl+C (and SIGTERM) set a CancelToken so the work stops between units and nothing half-done is
+    written; a second signal interrupts at once (temp files are still removed by their `finally`)."""
     cancel = CancelToken()
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel()) if in_main_thread else None
+    previous = {}
+
+    def handler(signum, _frame):
+        if cancel.cancelled:  # second Ctrl+C: do not wait for the next check
+            if signum == getattr(signal, "SIGTERM", None):
+                from ..publish import Terminated
+
+                raise Terminated(f"signal {signum}")
+            raise KeyboardInterrupt
+        cancel.cancel()
+
+    if in_main_thread:
+        for name in ("SIGINT", "SIGTERM"):
+            if hasattr(signal, name):
+                previous[name] = signal.signal(getattr(signal, name), handler)
     try:
         yield cancel
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
+
+
+def run_cancellable(function, cancel: CancelToken, poll_s: float = 0.1):
+    """Run `function()` in a worker thread while the main thread watches `cancel`.
+
+    The work checks the token between its units, but one unit (a resampling of a large volume) can
+    take many seconds in C code; the main thread answers a cancel within `poll_s` instead, leaves the
+    worker to stop at its next check (its result is dropped; it writes nothing) and raises Cancelled.
+    """
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread as is
+            outcome["error"] = error
+
+    worker = threading.Thread(target=target, name="unetsegment-work", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(poll_s)
+        if cancel.cancelled and worker.is_alive():
+            worker.join(min(poll_s * 5, 1.0))  # let a cancel check inside the work end it cleanly
+            cancel.raise_if_cancelled()
+    if "error" in outcome:
+        raise outcome["error"]
+    cancel.raise_if_cancelled()
+    return outcome.get("value")
