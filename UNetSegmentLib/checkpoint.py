@@ -9,10 +9,8 @@ Layout: {"format": CHECKPOINT_FORMAT, "format_version": 1, "metadata": ModelMeta
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -63,6 +61,8 @@ def resolve_device(device: Union[str, Any] = "auto"):
                               "Use 'cuda:0' or another visible GPU index.")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError("Apple MPS was requested but is not available.", "Use device 'cpu' or 'auto'.")
+    if resolved.type not in ("cpu", "cuda", "mps"):  # e.g. xpu: torch parses it, nothing here runs on it
+        raise DeviceError(f"Device type '{resolved.type}' is not supported.", "Use 'auto', 'cpu', 'cuda' or 'mps'.")
     return resolved
 
 
@@ -79,7 +79,7 @@ def build_model(metadata: ModelMetadata):
 
 
 def save_checkpoint(path, network, metadata: ModelMetadata, overwrite: bool = False) -> Path:
-    """Write weights + metadata atomically (temp file in the same folder, then os.replace)."""
+    """Write weights + metadata through a temp file in the same folder, published without replacing."""
     import torch
 
     path = Path(path)
@@ -92,22 +92,14 @@ def save_checkpoint(path, network, metadata: ModelMetadata, overwrite: bool = Fa
                          "Choose another file name or pass overwrite=True (--overwrite).")
     if path.exists() and path.is_dir():
         raise InputError(f"{path} is a folder.", "Give a file name ending in .pt.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {key: value.detach().to("cpu").clone() for key, value in network.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
                "metadata": metadata.to_dict(), "state_dict": state_dict}
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
+    from .publish import temporary_output  # issue 16: no-replace publish, temp removed on any failure
+
+    with temporary_output(path, overwrite) as temp_name:
+        with open(temp_name, "wb") as stream:
             torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
     return path
 
 
@@ -161,6 +153,9 @@ def validate_payload(payload: Any, path: Path) -> dict:
             raise CheckpointError(f"{path} lacks its '{key}'.", _RETRAIN)
     if not isinstance(payload["state_dict"], dict) or not payload["state_dict"]:
         raise CheckpointError(f"{path} holds no weights (empty state_dict).", _RETRAIN)
+    from .schema import validate_state_dict  # issue 16: a non-tensor entry is named, not a traceback
+
+    validate_state_dict(payload["state_dict"], path)
     return payload
 
 
@@ -233,6 +228,9 @@ def load_checkpoint_payload(payload: dict, path, device="cpu", source: Optional[
         raise CheckpointError(f"{path} holds no weights (empty or missing state_dict).", _RETRAIN)
     metadata = _metadata_from_payload(payload, path)
     target = resolve_device(device)
+    from .memory import check_network  # issue 16: refuse e.g. features=4096 before allocating it
+
+    check_network(lambda: build_model(metadata), f"{path}: building its network")
     try:
         network = build_model(metadata)
     except (InputError, CheckpointError) as error:

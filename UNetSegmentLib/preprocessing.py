@@ -212,7 +212,7 @@ def _resample_labels(label: sitk.Image, grid: sitk.Image) -> sitk.Image:
     return result
 
 
-def resample_scores(scores: np.ndarray, source_grid: sitk.Image, reference: sitk.Image) -> np.ndarray:
+def resample_scores(scores: np.ndarray, source_grid: sitk.Image, reference: sitk.Image, cancel=None) -> np.ndarray:
     """Resample per-class scores (C, z, y, x) from `source_grid` onto `reference`'s grid (linear).
 
     Argmax after resampling scores gives smoother borders than resampling labels.
@@ -225,6 +225,8 @@ def resample_scores(scores: np.ndarray, source_grid: sitk.Image, reference: sitk
     grid = _grid_like(reference.GetSize(), reference.GetSpacing(), reference.GetOrigin(), reference.GetDirection())
     output = np.empty((scores.shape[0],) + tuple(reversed(reference.GetSize())), dtype=np.float32)
     for channel in range(scores.shape[0]):
+        if cancel is not None:  # one check per class: cancel is not held up by the whole post-processing
+            cancel.raise_if_cancelled()
         channel_image = sitk.GetImageFromArray(np.ascontiguousarray(scores[channel], dtype=np.float32))
         channel_image.CopyInformation(source_grid)
         output[channel] = sitk.GetArrayFromImage(_resample_two_stage(channel_image, grid, sitk.sitkLinear))

@@ -275,7 +275,10 @@ def train_topk(config: Any, progress: ProgressCallback | None = None, cancel: Ca
     if cancel is not None:
         cancel.raise_if_cancelled()
     model.to("cpu")
-    save_checkpoint(config.output, model, metadata, overwrite=config.overwrite)
+    from ..publish import write_with_fallback  # issue 16: a failed write keeps the model at a named path
+
+    write_with_fallback(lambda path: save_checkpoint(path, model, metadata, overwrite=config.overwrite),
+                        config.output)
     return shared.TrainingResult(config.output, metadata, config.epochs, seconds, config.lr,
                                  fit.losses, validation_dice)
 
