@@ -116,9 +116,10 @@ def test_model_store_lists_and_adds_models(tmp_path, monkeypatch):
     shipped.mkdir()
     monkeypatch.setenv("UNETSEGMENT_MODELS_DIR", str(shipped))
     monkeypatch.setenv("UNETSEGMENT_USER_MODELS_DIR", str(user))
-    save_checkpoint(shipped / "default.pt", _network(), _metadata())
+    save_checkpoint(shipped / "phantom_ct_demo.pt", _network(), _metadata())
     (shipped / "broken.pt").write_bytes(b"not a model")
-    assert model_store.default_model_path() == shipped / "default.pt"
+    assert model_store.default_model_path("CT") == shipped / "phantom_ct_demo.pt"
+    assert model_store.default_model_path() == model_store.default_model_path("MR") == shipped / "hippocampus_mr"
     candidate = save_checkpoint(tmp_path / "mine.pt", _network(), _metadata(description="mine"))
     entry = model_store.add_user_model(candidate)
     assert entry.path == user / "mine.pt" and entry.path.read_bytes() == candidate.read_bytes()
@@ -127,7 +128,7 @@ def test_model_store_lists_and_adds_models(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError):
         model_store.add_user_model(shipped / "broken.pt")
     listed = {(e.name, e.source): e for e in model_store.list_models()}
-    assert set(listed) == {("broken", "shipped"), ("default", "shipped"), ("mine", "user")}
+    assert set(listed) == {("broken", "shipped"), ("phantom_ct_demo", "shipped"), ("mine", "user")}
     assert listed[("broken", "shipped")].metadata is None and "not a PyTorch" in listed[("broken", "shipped")].error
     assert listed[("mine", "user")].metadata.description == "mine"
     assert model_store.find_model("mine") == user / "mine.pt"

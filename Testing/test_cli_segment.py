@@ -104,7 +104,7 @@ def test_evaluate_refuses_mismatched_grids(tmp_path):
 
 def test_demo_scores_the_shipped_sample_and_never_overwrites(tmp_path, checkpoint, monkeypatch, capsys):
     models, samples = checkpoint.parent, tmp_path / "samples"
-    checkpoint.rename(models / "default.pt")
+    checkpoint.rename(models / "phantom_ct_demo.pt")
     image = _image(5)
     write_image(image, samples / "sample_ct.nrrd")
     reference = sitk.Cast(image > 50, sitk.sitkUInt8)
@@ -112,7 +112,7 @@ def test_demo_scores_the_shipped_sample_and_never_overwrites(tmp_path, checkpoin
     monkeypatch.setenv("UNETSEGMENT_MODELS_DIR", str(models))
     monkeypatch.setenv("UNETSEGMENT_SAMPLES_DIR", str(samples))
     output = tmp_path / "demo"
-    assert _run(demo, ["--output", output, "--device", "cpu", "--quiet"]) == 0
+    assert _run(demo, ["--sample", "phantom-ct", "--output", output, "--device", "cpu", "--quiet"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("dice=") and " seconds=" in last
     labelmap = read_image(output / demo.LABELMAP_NAME)
@@ -120,7 +120,7 @@ def test_demo_scores_the_shipped_sample_and_never_overwrites(tmp_path, checkpoin
     expected = dice_per_label(sitk.GetArrayFromImage(labelmap), sitk.GetArrayFromImage(reference), [1])[1]
     assert float(last.split()[0].split("=")[1]) == pytest.approx(expected, abs=1e-4)
     assert "UNTRAINED" not in (output / demo.REPORT_NAME).read_text()
-    assert _run(demo, ["--output", output, "--device", "cpu", "--quiet"]) == 0  # second run: new sub-folder
+    assert _run(demo, ["--sample", "phantom-ct", "--output", output, "--device", "cpu", "--quiet"]) == 0  # new sub-folder
     runs = [p for p in output.iterdir() if p.is_dir() and p.name.startswith("run-")]
     assert len(runs) == 1 and (runs[0] / demo.LABELMAP_NAME).exists()
 
@@ -154,7 +154,7 @@ def test_demo_without_shipped_model_says_so_loudly(tmp_path, monkeypatch, capsys
     write_image(sitk.Cast(image > 50, sitk.sitkUInt8), samples / "sample_ct_reference.nrrd")
     monkeypatch.setenv("UNETSEGMENT_MODELS_DIR", str(tmp_path / "no_models"))
     monkeypatch.setenv("UNETSEGMENT_SAMPLES_DIR", str(samples))
-    assert _run(demo, ["--output", tmp_path / "demo", "--device", "cpu", "--quiet"]) == 0
+    assert _run(demo, ["--sample", "phantom-ct", "--output", tmp_path / "demo", "--device", "cpu", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "FRESHLY INITIALISED" in captured.err
     assert "UNTRAINED" in (tmp_path / "demo" / demo.REPORT_NAME).read_text()

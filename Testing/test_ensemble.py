@@ -78,6 +78,14 @@ def test_single_file_ensemble_equals_the_folder(fold_folder, tmp_path):
     np.testing.assert_allclose(_probabilities(model)[0], _probabilities(str(fold_folder))[0], atol=1e-6)
 
 
+def test_pack_folds_command_writes_one_loadable_file(fold_folder, tmp_path, capsys):
+    output = tmp_path / "packed.pt"
+    assert cli_main(["pack-folds", str(fold_folder), "-o", str(output)]) == 0
+    assert "3 folds" in capsys.readouterr().out
+    np.testing.assert_allclose(_probabilities(str(output))[0], _probabilities(str(fold_folder))[0], atol=1e-6)
+    assert cli_main(["pack-folds", str(fold_folder), "-o", str(output)]) == 2  # no silent overwrite
+
+
 def test_set_card_lists_folds_and_mean_dice(fold_folder):
     card = read_set_metadata(fold_folder)
     assert card.training["ensemble_folds"] == [0, 1, 2]

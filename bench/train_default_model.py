@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_default_model.py [--epochs 80] [--iterations 40] [--device auto]
 
-Writes Resources/Models/default.pt, Resources/Samples/sample_ct.nrrd and
+Writes Resources/Models/phantom_ct_demo.pt, Resources/Samples/sample_ct.nrrd and
 Resources/Samples/sample_ct_reference.nrrd. The training data is the synthetic phantom of
 UNetSegmentLib.phantom (no real patient data). To fit a 2-core CPU budget the model is small and
 trains at a coarse 3 mm isotropic spacing; inference resamples any input to that spacing and back.
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default=os.path.join(ROOT, "bench", "out", "default_model"))
-    parser.add_argument("--output", default=os.path.join(ROOT, "Resources", "Models", "default.pt"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "Resources", "Models", "phantom_ct_demo.pt"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.perf_counter()

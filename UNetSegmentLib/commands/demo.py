@@ -1,7 +1,9 @@
-"""`demo`: segment the shipped sample CT with the shipped default model and score it.
+"""`demo`: segment a shipped sample with the shipped model for it and score it against its reference.
 
-The README's one-command check that everything works: writes the labelmap (on the sample's grid)
-and a short report, and ends with `dice=<mean foreground Dice> seconds=<inference wall time>`.
+The README's one-command check that everything works: by default the real hippocampus MRI model
+(fold ensemble) on a real T1 MRI case that no fold trained on; `--sample phantom-ct` runs the
+synthetic-phantom CT demo model on its phantom case. Writes the labelmap (on the sample's grid) and
+a short report, and ends with `dice=<mean foreground Dice> seconds=<inference wall time>`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_OUTPUT = "unetsegment_demo_output"
-LABELMAP_NAME = "sample_ct_segmentation.nrrd"
+LABELMAP_NAME = "sample_segmentation.nrrd"
+SAMPLE_MODALITY = {"mr": "MR", "phantom-ct": "CT"}
 REPORT_NAME = "report.txt"
 WARNING_BAR = "!" * 78
 
@@ -21,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", default=DEFAULT_OUTPUT,
                         help=f"output folder (default ./{DEFAULT_OUTPUT}/; a timestamped sub-folder is used "
                              "when it already holds a demo result, unless --overwrite)")
-    parser.add_argument("--model", "-m", default=None, help="checkpoint or model name (default: shipped default)")
+    parser.add_argument("--sample", default="mr", choices=tuple(SAMPLE_MODALITY),
+                        help="mr (default): a real T1 MRI hippocampus case with the real model; phantom-ct: the "
+                             "synthetic CT phantom case with the phantom demo model")
+    parser.add_argument("--model", "-m", default=None,
+                        help="checkpoint, fold folder or model name (default: the shipped model for the sample)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--sampler", default="auto", choices=("auto", "sliding_window", "whole", "topk"))
     parser.add_argument("--overwrite", action="store_true", help="replace a previous demo result in --output")
@@ -59,14 +66,18 @@ def _untrained_model(reference_image):
     return LoadedModel(network=network.eval(), metadata=metadata, path=Path("<untrained network>"))
 
 
-def _sample():
-    """(image, reference, description); the phantom generator stands in while no sample is shipped."""
+def _sample(kind: str = "mr"):
+    """(image, reference, description); the phantom generator stands in while no phantom sample is shipped."""
+    from ..errors import InputError
     from ..io import read_image, read_labelmap
     from ..model_store import sample_image_path, sample_reference_path
 
-    image_path, reference_path = sample_image_path(), sample_reference_path()
+    image_path, reference_path = sample_image_path(kind), sample_reference_path(kind)
     if image_path.exists() and reference_path.exists():
         return read_image(image_path), read_labelmap(reference_path), str(image_path)
+    if kind != "phantom-ct":
+        raise InputError(f"The shipped sample {image_path} or its reference is missing.",
+                         "Restore Resources/Samples from the repository, or run `demo --sample phantom-ct`.")
     from ..phantom import make_case
 
     _warn([f"The shipped sample {image_path} is missing.",
@@ -79,16 +90,17 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from ..checkpoint import load_checkpoint, resolve_device
+    from ..checkpoint import resolve_device
+    from ..ensemble import load_model
     from ..io import write_image, write_text
     from ..metrics import dice_per_label
     from ..model_store import default_model_path, find_model
     from ..pipeline import segment_image
     from .terminal import ProgressBar, cancel_on_interrupt
 
-    image, reference, sample_description = _sample()
+    image, reference, sample_description = _sample(args.sample)
     device = resolve_device(args.device)
-    model_path = find_model(args.model) if args.model else default_model_path()
+    model_path = find_model(args.model) if args.model else default_model_path(SAMPLE_MODALITY[args.sample])
     untrained = not model_path.exists() and not args.model
     if untrained:
         _warn([f"The shipped default model {model_path} is missing.",
@@ -96,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                "Train one with `python -m UNetSegmentLib train` or pass --model."])
         model = _untrained_model(image)
     else:
-        model = load_checkpoint(model_path, device=device)
+        model = load_model(model_path, device=device)
     folder = _output_folder(Path(args.output), args.overwrite)
     with cancel_on_interrupt() as cancel:
         bar = ProgressBar(not args.quiet, "demo")
@@ -117,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
              f"device: {device}; sampler: {result.stats.get('sampler')}; "
              f"inference wall time {result.seconds:.2f} s", f"labelmap: {labelmap_path}",
              "Dice vs the shipped reference:"]
+    lines[3:3] = [f"warning: {warning}" for warning in result.warnings]
     lines += [f"  {label.name:<12} {scores[label.value]:.4f}" for label in foreground]
     lines.append(f"  {'mean':<12} {mean_dice:.4f}")
     write_text("\n".join(lines) + "\n", folder / REPORT_NAME, overwrite=args.overwrite)

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", required=True, help="CSV file to write")
     parser.add_argument("--labels", type=int, nargs="+", default=None,
                         help="label values to score (default: every non-zero value in either labelmap)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing CSV (and its box plot)")
+    parser.add_argument("--no-plot", dest="plot", action="store_false",
+                        help="skip the Dice box plot (<output>_dice.png, written next to the CSV by default)")
 
 
 def match_cases(prediction: Path, reference: Path) -> list[tuple[str, Path, Path]]:
@@ -63,6 +65,38 @@ def evaluate_pair(prediction_path: Path, reference_path: Path, labels=None) -> l
             for label in labels]
 
 
+def label_names_near(reference: Path) -> dict[int, str]:
+    """Label names from a dataset.json in the reference folder or its parent (Decathlon layout), if any.
+
+    Names only decorate the printout, so a file that is not the expected shape is ignored, not an error.
+    """
+    import json
+
+    folder = reference if reference.is_dir() else reference.parent
+    for candidate in (folder / "dataset.json", folder.parent / "dataset.json"):
+        try:
+            if not candidate.is_file() or candidate.stat().st_size > 2 ** 20:
+                continue
+            labels = json.loads(candidate.read_text(encoding="utf-8")).get("labels")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue
+        if not isinstance(labels, dict):
+            continue
+        names = {}
+        for key, value in labels.items():
+            if isinstance(key, str) and key.isdigit() and isinstance(value, str):  # Decathlon {"1": "liver"}
+                names[int(key)] = value[:64]
+            elif isinstance(value, int) and not isinstance(value, bool) and isinstance(key, str):  # nnU-Net v2
+                names[value] = key[:64]
+        return names
+    return {}
+
+
+def plot_path(csv_path: Path) -> Path:
+    name = csv_path.name[:-4] if csv_path.name.lower().endswith(".csv") else csv_path.name
+    return csv_path.with_name(f"{name}_dice.png")
+
+
 def _format(value) -> str:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else ("nan" if math.isnan(value) else f"{value:.6f}")
@@ -73,9 +107,21 @@ def run(args: argparse.Namespace) -> int:
     from ..io import write_text
 
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
+    from ..publish import check_writable_folder, exists_or_link, refuse_outputs_over_inputs
+
+    # issue 16: never over an input (even with --overwrite), folder checked before the work
+    refuse_outputs_over_inputs([output], [Path(args.prediction), Path(args.reference)])
+    check_writable_folder(output.parent)
+    if output.is_dir():
+        raise InputError(f"--output {output} is a folder.", "Give a CSV file name such as metrics.csv.")
+    if exists_or_link(output) and not args.overwrite:
         raise InputError(f"{output} already exists; it was not overwritten.", "Choose another --output or pass "
                          "--overwrite.")
+    plot = plot_path(output) if args.plot else None
+    if plot is not None and plot.exists() and not args.overwrite:
+        raise InputError(f"{plot} already exists; it was not overwritten.", "Choose another --output, pass "
+                         "--overwrite, or --no-plot.")
+    names = label_names_near(Path(args.reference))
     rows = []
     for case, prediction, reference in match_cases(Path(args.prediction), Path(args.reference)):
         for row in evaluate_pair(prediction, reference, args.labels):
@@ -87,11 +133,23 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         writer.writerow({key: _format(row[key]) for key in fields})
     write_text(buffer.getvalue(), output, overwrite=args.overwrite)
+    per_label, means = {}, []
     for label in sorted({row["label"] for row in rows}):
         scores = [row["dice"] for row in rows if row["label"] == label]
         distances = [row["hd95_mm"] for row in rows if row["label"] == label]
         finite = [d for d in distances if math.isfinite(d)]
         hd = f"{sum(finite) / len(finite):.2f} mm" if finite else "n/a"
-        print(f"label {label}: mean Dice {sum(scores) / len(scores):.4f}, mean HD95 {hd} over {len(scores)} case(s)")
+        name = names.get(label, "")
+        title = f"label {label}" + (f" ({name})" if name else "")
+        per_label[f"{label} {name}".strip()] = scores
+        means.append(sum(scores) / len(scores))
+        print(f"{title}: mean Dice {means[-1]:.4f}, mean HD95 {hd} over {len(scores)} case(s)")
+    if means:
+        print(f"mean Dice over labels: {sum(means) / len(means):.4f}")
     print(f"wrote {output}")
+    if plot is not None and per_label:
+        from ..qc import dice_boxplot_png, write_png
+
+        write_png(dice_boxplot_png(per_label), plot, overwrite=args.overwrite)
+        print(f"wrote {plot}")
     return 0

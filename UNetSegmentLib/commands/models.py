@@ -41,7 +41,11 @@ def print_checkpoints(verbose: bool = False) -> None:
         meta = entry.metadata
         labels = ", ".join(label.name for label in meta.labels[1:])
         dice = ", ".join(f"{name} {score:.3f}" for name, score in meta.validation_dice.items())
-        print(f"  {entry.name:<16} [{entry.source}] {meta.architecture} ({meta.sampler}), {meta.modality}, "
+        folds = meta.training.get("ensemble_folds") if isinstance(meta.training, dict) else None
+        kind = f"ensemble of folds {', '.join(str(f) for f in folds)}, " if folds else ""
+        print(f"  {entry.name:<16} [{entry.source}] {kind}{meta.architecture} ({meta.sampler}), {meta.modality}, "
               f"labels: {labels}" + (f"; validation Dice: {dice}" if dice else ""))
+        if meta.description:  # e.g. "Demo model trained on the synthetic phantom ...; not for clinical use."
+            print(f"  {'':<16} {meta.description}")
         if verbose:
             print(f"  {'':<16} {entry.path}")
