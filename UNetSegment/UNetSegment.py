@@ -859,6 +859,76 @@ class UNetSegmentLogic(ScriptedLoadableModuleLogic):
             labelmap[mask > 0] = value
         return labelmap
 
+    # --- the user's training set and fine-tuning (issue 17; UNetSegmentLib.user_dataset, .finetune) ----
+
+    def correctedLabelmap(self, segmentationNode, volumeNode):
+        """(volume as SimpleITK image, labelmap of every segment on its grid, {value: segment name}); value
+        i+1 is the i-th segment, and the library maps the names to the model's label values."""
+        import SimpleITK as sitk
+        if segmentationNode is None:
+            raise InputError("No segmentation is selected.", "Select the corrected segmentation.")
+        image = self.imageFromVolumeNode(volumeNode)
+        reference = segmentationNode.GetNodeReference(
+            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+        if reference is not None and reference is not volumeNode and reference.GetImageData() is not None:
+            made, used = reference.GetImageData().GetDimensions(), volumeNode.GetImageData().GetDimensions()
+            if tuple(made) != tuple(used):
+                raise GeometryError(f"The segmentation was made on '{reference.GetName()}' (size {tuple(made)}), "
+                                    f"not on '{volumeNode.GetName()}' (size {tuple(used)}).",
+                                    "Select the volume the segmentation belongs to.")
+        segmentation = segmentationNode.GetSegmentation()
+        voxels = np.zeros(slicer.util.arrayFromVolume(volumeNode).shape[:3], np.uint8)
+        names = {}
+        for index in range(segmentation.GetNumberOfSegments()):
+            segmentId = segmentation.GetNthSegmentID(index)
+            names[index + 1] = segmentation.GetSegment(segmentId).GetName()
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+            voxels[mask > 0] = index + 1
+        labelmap = sitk.GetImageFromArray(voxels)
+        labelmap.CopyInformation(image)
+        return image, labelmap, names
+
+    def addToTrainingSet(self, volumeNode, segmentationNode, modelPath, datasetFolder, replace=False):
+        """Saves the volume and its corrected segmentation as a case for the model's label set.
+
+        Raises DuplicateCaseError (with .case_id) when the volume is already a case: the panel asks,
+        then calls again with replace=True."""
+        from UNetSegmentLib.user_dataset import add_case
+        if not modelPath:
+            raise InputError("No model is selected.", "Pick the model the correction was made for.")
+        if not datasetFolder:
+            raise InputError("No training set folder is chosen.", "Choose a folder for your training cases.")
+        image, labelmap, names = self.correctedLabelmap(segmentationNode, volumeNode)
+        return add_case(datasetFolder, image, labelmap, modelPath, segment_names=names,
+                        case_name=volumeNode.GetName(), replace=bool(replace),
+                        model_name=os.path.splitext(os.path.basename(os.path.normpath(str(modelPath))))[0])
+
+    def startFineTuning(self, modelPath, datasetFolder, outputPath=None, budgetS=600.0, device="auto",
+                        maxIterations=None, python=None):
+        """Fine-tunes in a worker process; poll the returned job (progress, loss, result, error, cancel())."""
+        from UNetSegmentLib.finetune_worker import FineTuneJob
+        if not modelPath:
+            raise InputError("No model is selected.", "Pick the model to fine-tune.")
+        job = FineTuneJob(str(modelPath), str(datasetFolder), outputPath, budgetS, device=device,
+                          max_iterations=maxIterations, python=python)
+        return job.start()
+
+    def fineTune(self, modelPath, datasetFolder, outputPath=None, budgetS=600.0, device="auto",
+                 maxIterations=None, python=None, timeout=None):
+        """Blocking variant for scripts and tests: the worker's result (output, improved, dice_before, ...)."""
+        job = self.startFineTuning(modelPath, datasetFolder, outputPath, budgetS, device, maxIterations, python)
+        if not job.wait(timeout):
+            job.cancel()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    @staticmethod
+    def modelAfterFineTuning(result, parentPath):
+        """The tuned model if it is not worse on the held-out cases; otherwise the parent stays selected."""
+        from UNetSegmentLib.finetune_worker import model_to_select
+        return model_to_select(result, parentPath)
+
 
 #
 # UNetSegmentTest

@@ -25,6 +25,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "Dice and HD95 per label of predictions vs references, written to a CSV."),
     "demo": ("demo", "Segment the shipped sample with the default model; report Dice and time."),
     "worker": ("worker", "Run one inference for the Slicer panel, reporting JSON lines on stdout."),
+    "finetune": ("finetune", "Fine-tune a model on corrected cases into a new model (parent kept; Dice before/after)."),
 }
 
 

@@ -19,6 +19,7 @@ class Progress:
     elapsed_s: float
     remaining_s: Optional[float]
     stage: str = "inference"
+    loss: Optional[float] = None  # the current training loss (training and fine-tuning reports)
 
     @property
     def fraction(self) -> float:

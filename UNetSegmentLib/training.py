@@ -251,7 +251,7 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
         return EXTERNAL_TRAINERS[config.sampler](config, progress, cancel)
     import torch
 
-    from .augmentation import Augmenter, center_crop
+    from .augmentation import Augmenter
     from .checkpoint import save_checkpoint
     from .losses import DeepSupervisionLoss, DiceCELoss
     from .networks import build_network, get_architecture
@@ -306,21 +306,8 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
                 lr = poly_learning_rate(config.lr, iteration, total_iterations, elapsed, config.time_budget_s)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            images, labels = (torch.from_numpy(a) for a in sampler.sample_batch(config.batch_size))
-            if augmenter is not None:
-                images, labels = augmenter(images, labels)
-            else:
-                images, labels = center_crop(images, labels, patch_size)
-            images, labels = images.to(device), labels.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_function(network(images), labels)
-            if not torch.isfinite(loss):
-                raise InputError(f"The training loss became {loss.item()} in epoch {epoch + 1}.",
-                                 "Lower --lr, check the images for NaN values, or normalise them.")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
-            optimizer.step()
-            running += float(loss.item())
+            running += train_step(network, network, optimizer, loss_function, sampler, augmenter, patch_size,
+                                  config.batch_size, device, f"in epoch {epoch + 1}")
             done += 1
             iteration += 1
             tracker.advance()
@@ -388,6 +375,34 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
     save_checkpoint(config.output, network, metadata, overwrite=config.overwrite)
     log.info("wrote %s (validation Dice %s)", config.output, metadata.validation_dice)
     return TrainingResult(config.output, metadata, len(epoch_losses), seconds, lr, epoch_losses, validation_dice)
+
+
+def train_step(model, network, optimizer, loss_function, sampler, augmenter, patch_size, batch_size: int,
+               device, where: str = "") -> float:
+    """One optimisation step on a fresh (augmented) batch; shared by `train` and fine-tuning (finetune.py).
+
+    `model` is what runs forward (the DDP wrapper under torchrun), `network` the module whose gradients
+    are clipped. Returns the loss.
+    """
+    import torch
+
+    from .augmentation import center_crop
+
+    images, labels = (torch.from_numpy(a) for a in sampler.sample_batch(batch_size))
+    if augmenter is not None:
+        images, labels = augmenter(images, labels)
+    else:
+        images, labels = center_crop(images, labels, patch_size)
+    images, labels = images.to(device), labels.to(device)
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_function(model(images), labels)
+    if not torch.isfinite(loss):
+        raise InputError(f"The training loss became {loss.item()} {where}.".replace("  ", " "),
+                         "Lower --lr, check the images for NaN values, or normalise them.")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+    optimizer.step()
+    return float(loss.item())
 
 
 def poly_learning_rate(initial: float, iteration: int, total_iterations: int, elapsed_s: float = 0.0,
