@@ -10,8 +10,6 @@ training cases): the pipeline normalises once per member.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -161,23 +159,8 @@ def save_ensemble(checkpoints: Sequence[Union[str, Path]], output: Union[str, Pa
     document: dict[str, Any] = {"format": ENSEMBLE_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
                                 "members": [{"metadata": p["metadata"], "state_dict": p["state_dict"]}
                                             for p in payloads]}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(document, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, 0o644)
-        if overwrite:
-            os.replace(temp_name, output)
-        else:  # no-replace publish: a file that appeared meanwhile is never clobbered
-            try:
-                os.link(temp_name, output)
-            except FileExistsError:
-                raise InputError(f"{output} appeared while the ensemble was written; it was not overwritten.",
-                                 "Pass --overwrite or another --output.") from None
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+    from .publish import temporary_output  # no-replace publish: a file that appeared meanwhile is kept
+
+    with temporary_output(output, overwrite) as temp:
+        torch.save(document, temp)
     return output
