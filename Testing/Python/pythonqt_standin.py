@@ -8,11 +8,13 @@ with PythonQt's conventions, because Slicer's real Python base classes (slicer-u
   `obj.className()` exists; `obj.connect("signal(args)", slot)` connects by signature.
 - Widgets created by `qt.QUiLoader` (and by the module) are these PythonQt-style classes, so that
   `type(widget) == qt.QCheckBox` holds as the parameter node wrapper's GUI connectors expect.
-- The event loop holds the GIL between ticks, like PythonQt: `processEventsUntil` runs Qt's events,
-  then waits for the next tick inside a C call made through `ctypes.PyDLL` (`usleep`/`Sleep`),
-  which does NOT release the GIL. A Python thread therefore only runs while Python code of the main
-  thread runs (timer callbacks), exactly the starvation Slicer shows; `time.sleep` or PySide's
-  own waiting would release the GIL and hide it.
+- The event loop holds the GIL between ticks, like PythonQt: `processEventsUntil` calls Qt's
+  QCoreApplication::processEvents (timers fire, their Python slots run) and then waits for the next
+  tick (100 ms) inside C calls made through `ctypes.PyDLL`, which does NOT release the GIL (PySide
+  would release it around processEvents, and `time.sleep` releases it). A Python thread therefore
+  only gets the GIL when the main thread returns to Python bytecode, about ten times a second: on
+  this project's machine a spinning thread gets ~25 % of its free-running CPU, the same share as the
+  issue-12 measurement in Slicer (4.5 s of inference took 20.2 s in a thread).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from PySide6 import QtCore, QtGui, QtWidgets  # noqa: E402
 from PySide6.QtUiTools import QUiLoader as _PySideUiLoader  # noqa: E402
 
 _READING = set()  # (object id, property) being read right now
-TICK_S = 0.01  # the stand-in loop's idle wait between event-processing passes
+TICK_S = 0.1  # idle wait between event passes: Python runs (and threads get the GIL) ~10x per second
+SWITCH_INTERVAL_S = 0.0005
 
 
 class PythonQtStyle:
@@ -201,12 +204,40 @@ def _gilHoldingSleep():
 holdGilAndSleep = _gilHoldingSleep()
 
 
+def _gilHoldingProcessEvents():
+    """QCoreApplication::processEvents called through ctypes.PyDLL: Qt runs its events (timers fire,
+    their Python slots run) without PySide releasing the GIL around the call, as in PythonQt."""
+    import PySide6
+
+    library = os.path.join(os.path.dirname(PySide6.__file__), "Qt", "lib", "libQt6Core.so.6")
+    symbol = "_ZN16QCoreApplication13processEventsE6QFlagsIN10QEventLoop17ProcessEventsFlagEE"
+    try:
+        function = getattr(ctypes.PyDLL(library), symbol)
+    except (OSError, AttributeError):  # other platforms: PySide's call (it releases the GIL briefly)
+        return lambda: QtWidgets.QApplication.processEvents(QtCore.QEventLoop.AllEvents)
+    function.argtypes, function.restype = [ctypes.c_int], None
+    return lambda: function(0)  # QEventLoop::AllEvents
+
+
+processEventsHoldingGil = _gilHoldingProcessEvents()
+
+
 def processEventsUntil(condition, timeout_s=60.0, tick_s=TICK_S):
-    """Slicer's event loop: process Qt events (timers fire here), then idle holding the GIL."""
+    """Slicer's event loop: Qt events (timers fire here) and the idle wait, both holding the GIL.
+
+    Between the two C calls a little Python runs (the loop itself); the switch interval is made
+    short meanwhile, so a waiting thread gets the GIL for about as long as that Python runs, the
+    same share it gets in Slicer while the main thread runs Python slots.
+    """
     deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        QtWidgets.QApplication.processEvents(QtCore.QEventLoop.AllEvents, 5)
-        holdGilAndSleep(tick_s)
-    return True
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            processEventsHoldingGil()
+            holdGilAndSleep(tick_s)
+        return True
+    finally:
+        sys.setswitchinterval(previous)

@@ -383,6 +383,16 @@ class qSlicerScriptedLoadableModuleWidget(qMRMLWidget):
     def self(self):
         return self._self
 
+    def reload(self):
+        """After slicer.util.reloadScriptedModule re-imported the file: a new widget from the new module."""
+        name = self._self.moduleName
+        widget = getattr(sys.modules[name], name + "Widget")(self)
+        self._self = widget
+        setattr(slicer.modules, name + "Widget", widget)
+        widget.setup()
+        if self._entered:
+            widget.enter()
+
     def enter(self):
         self._entered = True
         self._self.enter()

@@ -1,4 +1,5 @@
-"""UNetSegmentLogic against slicer-core's real MRML scene, segmentation nodes and .seg.nrrd storage."""
+"""UNetSegmentLogic (inference in a worker process) against slicer-core's real MRML scene, segmentation
+nodes and .seg.nrrd storage."""
 
 from __future__ import annotations
 
@@ -179,7 +180,10 @@ def _ijk_to_ras(node):
     return matrix
 
 
-def test_cancel_leaves_scene_unchanged(module, scene, tiny_checkpoint):
+def test_cancel_leaves_scene_unchanged(module, scene, tiny_checkpoint, worker_temp):
+    import os
+    import time
+
     volume = add_phantom_volume(scene, shape=(48, 48, 48))
     manual = _existing_segmentation(scene, volume)
     manual_arrays = segment_arrays(manual, volume)
@@ -188,9 +192,15 @@ def test_cancel_leaves_scene_unchanged(module, scene, tiny_checkpoint):
 
     job = module.UNetSegmentLogic().startSegmentation(volume, str(tiny_checkpoint), sampler="sliding_window",
                                                       overlap=0.75)
-    job.cancel()
-    assert job.wait(timeout=120)
+    pid = job.pid
+    assert list(worker_temp.iterdir()), "the input is written to the job's temporary folder"
+    started = time.monotonic()
+    job.cancel()  # terminate, then kill after the grace period: blocks until the process is gone
+    assert time.monotonic() - started < 5.0 and job.worker.process.returncode is not None
+    assert not os.path.exists(f"/proc/{pid}")
+    assert job.wait(timeout=1)
     assert isinstance(job.error, Cancelled) and job.result is None
+    assert list(worker_temp.iterdir()) == []
     assert node_ids(scene) == ids_before
     assert manual.GetSegmentation().GetMTime() == manual_mtime
     assert segment_names(manual) == ["liver", "notes"]
