@@ -147,3 +147,15 @@ def add_user_model(path, overwrite: bool = False, name: Optional[str] = None) ->
         if os.path.exists(temp_name):
             os.unlink(temp_name)
     return ModelEntry(stem, target, loaded.metadata, "user")
+
+
+def read_model_metadata(path) -> ModelMetadata:
+    """The card of a checkpoint file or of a folder of fold checkpoints, read without torch."""
+    path = Path(path)
+    if path.is_dir():
+        from .ensemble import read_set_metadata
+
+        return read_set_metadata(path)
+    from .checkpoint import read_checkpoint_metadata
+
+    return read_checkpoint_metadata(path)

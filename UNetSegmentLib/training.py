@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from . import distributed
 from .errors import CheckpointError, DeviceError, InputError
 from .metadata import LabelInfo, ModelMetadata, Normalization, canonical_modality
 from .progress import CancelToken, ProgressCallback, ProgressTracker
@@ -76,6 +77,10 @@ class TrainingConfig:
     lr_schedule: str = "plateau"
     time_budget_s: Optional[float] = None  # stop training (then validate and save) after this many seconds
     threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
+    # torchrun / srun (distributed.py): continue from a resume state; write <output>.resume after every
+    # epoch (None: only when several ranks run, where a dying rank must not lose the finished epochs)
+    resume: Optional[str] = None
+    save_state: Optional[bool] = None
 
 
 @dataclass
@@ -246,9 +251,28 @@ def _validate_config(config: TrainingConfig) -> None:
 
 def train(config: TrainingConfig, progress: ProgressCallback | None = None,
           cancel: CancelToken | None = None) -> TrainingResult:
-    """Train, validate on the held-out fold and write the checkpoint (only if nothing was cancelled)."""
+    """Train, validate on the held-out fold and write the checkpoint (only if nothing was cancelled).
+
+    Under torchrun / srun every rank calls this: DDP, per-rank patch streams, rank 0 writes (distributed.py).
+    """
     if config.sampler in EXTERNAL_TRAINERS:
+        distributed.refuse_unsupported(f"Training with --sampler {config.sampler}")
         return EXTERNAL_TRAINERS[config.sampler](config, progress, cancel)
+    _validate_config(config)
+    context = distributed.setup(resolve_device(config.device))
+    try:
+        return _train(config, context, progress, cancel)
+    except RuntimeError as error:
+        failure = distributed.peer_failure(error, context, distributed.state_path(config.output))
+        if failure is None:
+            raise
+        raise failure from None
+    finally:
+        distributed.teardown(context)
+
+
+def _train(config: TrainingConfig, context: distributed.DistributedContext, progress: ProgressCallback | None,
+           cancel: CancelToken | None) -> TrainingResult:
     import torch
 
     from .augmentation import Augmenter
@@ -257,13 +281,13 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
     from .networks import build_network, get_architecture
     from .sampling import make_sampler
 
-    _validate_config(config)
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    device = context.device  # this rank's GPU under torchrun
     if config.threads:
         torch.set_num_threads(int(config.threads))
     torch.manual_seed(config.seed)
-    tracker = ProgressTracker(config.epochs * config.iterations_per_epoch, progress, cancel, stage="training")
+    tracker = ProgressTracker(config.epochs * config.iterations_per_epoch, progress if context.is_main else None,
+                              cancel, stage="training")
 
     info = read_dataset_info(config.dataset_dir)
     cases, target_spacing = load_training_cases(config, info)
@@ -277,15 +301,25 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
 
     patch_size = tuple(int(p) for p in config.patch_size)
     spatial_dims = len(patch_size)
-    augmenter = Augmenter(patch_size, target_spacing, seed=config.seed) if config.augment else None
+    fingerprint = {"architecture": config.architecture,  # what a resume state must match
+                   "architecture_kwargs": repr(sorted(config.architecture_kwargs.items())),
+                   "patch_size": list(patch_size), "fold": config.fold, "folds": config.folds, "seed": config.seed,
+                   "training_case_ids": [case_ids[i] for i in training]}
+    resumed = distributed.load_training_state(config.resume, fingerprint) if config.resume else None
+    start_epoch = int(resumed["counters"]["epoch"]) if resumed else 0
+    tracker.total = (config.epochs - start_epoch) * config.iterations_per_epoch
+    seed = distributed.rank_seed(config.seed, context.rank, start_epoch)  # ranks (and resumes) draw apart
+    augmenter = Augmenter(patch_size, target_spacing, seed=seed) if config.augment else None
     sample_size = augmenter.input_size if augmenter else patch_size
     sampler = make_sampler(config.sampler, [(normalized[i], cases[i].label) for i in training],
-                           sample_size, seed=config.seed)
+                           sample_size, seed=seed)
 
     deep_supervision = bool(config.deep_supervision and get_architecture(config.architecture).supports_deep_supervision)
     network_kwargs = dict(config.architecture_kwargs)
     network_kwargs["deep_supervision"] = deep_supervision
-    network = build_network(config.architecture, spatial_dims, 1, len(info.labels), **network_kwargs).to(device)
+    network = build_network(config.architecture, spatial_dims, 1, len(info.labels), **network_kwargs)
+    network = distributed.prepare_network(network, device.type) if context.distributed else network
+    network = network.to(device)
     loss_function = DeepSupervisionLoss(DiceCELoss())
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -293,12 +327,24 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
     epoch_losses: list[float] = []
     total_iterations = config.epochs * config.iterations_per_epoch
     training_started, iteration, out_of_time = time.perf_counter(), 0, False
-    for epoch in range(config.epochs):
+    if resumed:  # weights, optimizer, schedule position and spent time of the finished epochs
+        counters = distributed.restore_training_state(resumed, network, optimizer)
+        lr, best_loss, epochs_without_improvement = counters["lr"], counters["best_loss"], counters["stalled"]
+        epoch_losses, iteration = list(counters["epoch_losses"]), int(counters["iteration"])
+        training_started -= float(counters["training_seconds"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        log.info("resumed from %s after epoch %d (%d iterations)", config.resume, start_epoch, iteration)
+    model = distributed.wrap_model(network, context)  # DDP: gradients averaged over the ranks
+    save_state = context.distributed if config.save_state is None else config.save_state
+    for epoch in range(start_epoch, config.epochs):
         network.train()
         running, done = 0.0, 0
         for _ in range(config.iterations_per_epoch):
             tracker.check_cancel()
             elapsed = time.perf_counter() - training_started
+            if config.time_budget_s is not None and context.distributed:  # one clock: same stop, same lr
+                elapsed = distributed.all_reduce([elapsed], context, op="max")[0]
             if config.time_budget_s is not None and elapsed >= config.time_budget_s:
                 out_of_time = True
                 break
@@ -306,11 +352,12 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
                 lr = poly_learning_rate(config.lr, iteration, total_iterations, elapsed, config.time_budget_s)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            running += train_step(network, network, optimizer, loss_function, sampler, augmenter, patch_size,
+            running += train_step(model, network, optimizer, loss_function, sampler, augmenter, patch_size,
                                   config.batch_size, device, f"in epoch {epoch + 1}")
             done += 1
             iteration += 1
             tracker.advance()
+        running, done = distributed.all_reduce([running, done], context)  # mean over every rank's steps
         if done == 0:
             break
         epoch_loss = running / done
@@ -326,6 +373,12 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
                 group["lr"] = lr
         log.info("epoch %d/%d: loss %.4f, lr %.2e, %.0f s", epoch + 1, config.epochs, epoch_loss, lr,
                  time.perf_counter() - started)
+        if save_state:
+            distributed.save_training_state(
+                distributed.state_path(config.output), network, optimizer,
+                {"epoch": epoch + 1, "iteration": iteration, "lr": lr, "best_loss": best_loss,
+                 "stalled": epochs_without_improvement, "epoch_losses": epoch_losses,
+                 "training_seconds": time.perf_counter() - training_started}, fingerprint, context)
         if config.lr_schedule == "plateau" and lr < config.min_lr:
             log.info("learning rate below %.0e: stopping", config.min_lr)
             break
@@ -337,7 +390,8 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
 
     network.eval()
     validation_dice = validate(network, [normalized[i] for i in validation], [cases[i].label for i in validation],
-                               info.labels, patch_size, config.validation_overlap, device, progress, cancel)
+                               info.labels, patch_size, config.validation_overlap, device,
+                               progress if context.is_main else None, cancel, context=context)
     seconds = time.perf_counter() - started
     built_kwargs = getattr(network, "config", {}).get("kwargs", network_kwargs)
     architecture_kwargs = {key: value for key, value in built_kwargs.items()
@@ -366,13 +420,16 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
             "validation_case_ids": [case_ids[i] for i in validation],
             "intensity": intensity_statistics([cases[i].image for i in training]),
             "seconds": round(seconds, 1), "device": str(device), "threads": torch.get_num_threads(),
+            **distributed.metadata_fields(context, config.batch_size),
         },
         validation_dice={name: round(score, 4) for name, score in validation_dice.items()},
         description=config.description,
     )
     tracker.check_cancel()
     network.to("cpu")
-    save_checkpoint(config.output, network, metadata, overwrite=config.overwrite)
+    if context.is_main:
+        save_checkpoint(config.output, network, metadata, overwrite=config.overwrite)
+    distributed.barrier(context)  # the other ranks return once the checkpoint exists
     log.info("wrote %s (validation Dice %s)", config.output, metadata.validation_dice)
     return TrainingResult(config.output, metadata, len(epoch_losses), seconds, lr, epoch_losses, validation_dice)
 
@@ -443,8 +500,12 @@ def intensity_statistics(images: Sequence[np.ndarray], samples_per_case: int = 2
 
 def validate(network, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], label_names: dict[int, str],
              patch_size: Sequence[int], overlap: float, device, progress: ProgressCallback | None = None,
-             cancel: CancelToken | None = None) -> dict[str, float]:
-    """Mean Dice per label over the held-out cases, predicted with the sliding-window engine."""
+             cancel: CancelToken | None = None, context: Optional[distributed.DistributedContext] = None
+             ) -> dict[str, float]:
+    """Mean Dice per label over the held-out cases, predicted with the sliding-window engine.
+
+    With a multi-rank `context` each rank predicts its share of the cases; the scores are gathered.
+    """
     import torch
 
     from .inference.sliding_window import InferenceOptions, sliding_window_inference
@@ -452,18 +513,24 @@ def validate(network, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]
     if not images:
         return {}
     totals: dict[str, float] = {}
-    tracker = ProgressTracker(len(images), progress, cancel, stage="validation")
+    context = context or distributed.SINGLE
+    indices = distributed.shard(range(len(images)), context)
+    tracker = ProgressTracker(len(indices), progress, cancel, stage="validation")
     options = InferenceOptions(patch_size=tuple(patch_size), overlap=overlap)
+    scores: dict[int, dict[str, float]] = {}
     with torch.inference_mode():
-        for image, label in zip(images, labels):
+        for index in indices:
+            image, label = images[index], labels[index]
             tracker.check_cancel()
             result = sliding_window_inference(network, torch.from_numpy(image[None]).to(device), options,
                                               None, cancel)
             prediction = result.labels
             prediction = prediction.cpu().numpy() if hasattr(prediction, "cpu") else np.asarray(prediction)
-            for name, score in dice_per_label(prediction, label, label_names).items():
-                totals[name] = totals.get(name, 0.0) + score
+            scores[index] = dice_per_label(prediction, label, label_names)
             tracker.advance()
+    for case_scores in distributed.gather_by_index(scores, context):  # case order: sums as one process adds
+        for name, score in case_scores.items():
+            totals[name] = totals.get(name, 0.0) + score
     return {name: total / len(images) for name, total in totals.items()}
 
 

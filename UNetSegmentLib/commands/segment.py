@@ -103,13 +103,16 @@ def run(args: argparse.Namespace) -> int:
     if not model_path.exists() and not args.model:
         raise InputError(f"The shipped default model {model_path} is missing.",
                          "Pass --model with a checkpoint (train one with `python -m UNetSegmentLib train`).")
-    device = resolve_device(args.device)
+    from .. import distributed
+
+    context = distributed.setup(resolve_device(args.device), backend="gloo")  # under torchrun: one shard per rank
+    device, args.quiet = context.device, args.quiet or not context.is_main
     model = load_model(model_path, device=device)  # one checkpoint, or a fold ensemble (folder / file)
     names = ", ".join(label.name for label in model.metadata.labels[1:])
     print(f"model {model_path.name} ({model.metadata.architecture}; labels: {names}) on {device}", file=sys.stderr)
     mirror_axes = tuple(range(model.metadata.spatial_dims)) if args.mirror else ()
     with cancel_on_interrupt() as cancel:
-        for index, (input_path, output_path) in enumerate(pairs, start=1):
+        def segment_case(index, input_path, output_path):  # distributed.run_cases: in order, or sharded
             bar = ProgressBar(not args.quiet, f"[{index}/{len(pairs)}] {input_path.name}")
             try:
                 result = segment_image(read_image(input_path), model, sampler=args.sampler, overlap=args.overlap,
@@ -131,4 +134,6 @@ def run(args: argparse.Namespace) -> int:
             for note in result.stats.get("fallbacks") or []:  # e.g. a smaller batch or CPU to fit memory
                 print(f"note: {note}", file=sys.stderr)
             print(f"wrote {output_path} ({result.seconds:.1f} s, sampler {result.stats.get('sampler')})")
-    return 0
+        status = distributed.run_cases(pairs, segment_case, context)
+    distributed.teardown(context)
+    return status

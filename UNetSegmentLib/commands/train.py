@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch log")
+    parser.add_argument("--resume", default=None, metavar="STATE",
+                        help="continue from <output>.resume, the state written after every epoch (any number of "
+                             "ranks; see docs/distributed.md)")
+    parser.add_argument("--save-state", dest="save_state", action="store_true", default=None,
+                        help="write <output>.resume after every epoch (always on under torchrun / srun)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -58,7 +63,8 @@ def config_from_args(args: argparse.Namespace):
         architecture_kwargs=architecture_kwargs, patch_size=tuple(args.patch_size), batch_size=args.batch_size,
         epochs=args.epochs, iterations_per_epoch=args.iterations, fold=args.fold, folds=args.folds,
         seed=args.seed, sampler=args.sampler, augment=args.augment, deep_supervision=args.deep_supervision,
-        device=args.device, lr=args.lr, overwrite=args.overwrite)
+        device=args.device, lr=args.lr, overwrite=args.overwrite, resume=getattr(args, "resume", None),
+        save_state=getattr(args, "save_state", None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--k applies only to --sampler topk.", "Drop --k or add --sampler topk.")
     else:
         trainer = train
+    from ..distributed import launched_rank
+
+    if launched_rank() != 0:  # under torchrun / srun: rank 0 alone shows the bar, the log and the result
+        args.quiet = True
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     bar = ProgressBar(not args.quiet, unit="it", leave=True)
@@ -84,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
             result = trainer(config, progress=bar, cancel=cancel)
     finally:
         bar.close()
+    if launched_rank() != 0:
+        return 0
     dice = ", ".join(f"{name} {score:.3f}" for name, score in result.validation_dice.items())
     print(f"wrote {result.checkpoint}: {result.epochs} epochs in {result.seconds:.0f} s"
           + (f"; validation Dice: {dice}" if dice else ""))
