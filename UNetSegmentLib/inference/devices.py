@@ -6,15 +6,15 @@ explain a missing GPU) without running a network.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from ..errors import DeviceError, InputError
+from ..runtime.cpu import cpu_supports_bf16  # noqa: F401 - re-exported (bench, panel)
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto", "int8")  # int8: OpenVINO only (runtime/)
 
 
 def resolve_device(device: str | torch.device | None = "auto", network: torch.nn.Module | None = None) -> torch.device:
@@ -66,35 +66,13 @@ def mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bfloat16 matrix units (AVX512-BF16 or AMX).
-
-    Without them PyTorch emulates bf16 and autocast is slower than fp32, so the engine falls back.
-    """
-    try:
-        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return True
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str | None]:
     """The autocast dtype for `precision` on `device` (None: plain fp32) and, when the request
     cannot be honoured, a note explaining the fallback for the run's stats."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.",
-                         "Use fp32 (exact), auto (fastest the device supports), bf16 or fp16.")
-    if precision == "fp32":
+                         "Use fp32 (exact), auto (fastest the device supports), bf16, fp16 or int8 (OpenVINO).")
+    if precision in ("fp32", "int8"):  # int8 is the OpenVINO runtime's; PyTorch runs it as fp32
         return None, None
     if device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():

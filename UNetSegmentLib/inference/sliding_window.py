@@ -7,6 +7,9 @@ importance map and the weight sum are computed once per volume, and each window'
 blended into preallocated buffers in place. When the caller only needs labels, the argmax is taken
 slab by slab so no full-resolution float copy per class is made beyond the accumulation buffer.
 
+How the network itself runs (PyTorch or OpenVINO, fp32 or INT8, threads) is the runtime layer's
+business (`UNetSegmentLib.runtime`): the engine asks it for a runner per plan and feeds it batches.
+
 Whole-volume mode runs the network once on the entire (padded) volume. It is chosen automatically
 only when the plan fits the memory budget and the network has no normalisation that depends on
 the input's extent (InstanceNorm, GroupNorm, LayerNorm): for those, a whole volume gives different
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, OutOfMemoryError
-from ..progress import CancelToken, ProgressCallback, ProgressTracker
+from ..progress import CancelToken, Progress, ProgressCallback, ProgressTracker
+from ..runtime import RuntimeOptions, prepare_runner, torch_threads
 from .devices import available_memory_bytes, network_device, resolve_device, resolve_precision
 from .gaussian import BLEND_MODES, importance_map, window_starts
 
@@ -54,7 +58,7 @@ class InferenceOptions:
     sigma_scale: float = 0.125         # sigma = patch / 8, as nnU-Net and MONAI's gaussian mode
     batch_size: Optional[int] = None   # None: chosen automatically (>= 2 on CPU)
     mirror_axes: tuple = ()            # spatial axes for nnU-Net style mirroring TTA
-    precision: str = "fp32"            # fp32 | bf16 | fp16 | auto
+    precision: str = "fp32"            # fp32 | bf16 | fp16 | auto | int8 (OpenVINO, from a carried calibration)
     accumulate_dtype: str = "float32"  # float32 | float16 | bfloat16
     mode: str = "sliding"              # sliding | whole | auto
     device: str = "auto"               # auto | cpu | cuda | mps (or a torch.device)
@@ -62,6 +66,7 @@ class InferenceOptions:
     output: str = "labels"             # labels | logits | probabilities (what must be kept)
     return_probabilities: bool = False
     return_uncertainty: bool = False   # per-voxel entropy (nats) of the softmax
+    runtime: Optional[RuntimeOptions] = None  # backend (torch by default here), threads, model cache, INT8 model
 
 
 @dataclass
@@ -102,7 +107,7 @@ def predict_logits(network: nn.Module, batch, patch_size: Sequence[int], overlap
                    mirror_axes: Sequence[int] = (), precision: str = "fp32", accumulate_dtype: str = "float32",
                    mode: str = "sliding", device: str | torch.device | None = None,
                    memory_budget_mb: float | None = None, progress: ProgressCallback | None = None,
-                   cancel: CancelToken | None = None) -> torch.Tensor:
+                   cancel: CancelToken | None = None, runtime: RuntimeOptions | None = None) -> torch.Tensor:
     """Blended logits (N, out_C, *spatial) float32 for a batch (N, C, *spatial), on the batch's
     device unless `device` says otherwise; the low-level counterpart of MONAI's function."""
     if device is None:
@@ -110,7 +115,7 @@ def predict_logits(network: nn.Module, batch, patch_size: Sequence[int], overlap
     options = InferenceOptions(patch_size=patch_size, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                                batch_size=batch_size, mirror_axes=tuple(mirror_axes), precision=precision,
                                accumulate_dtype=accumulate_dtype, mode=mode, device=device,
-                               memory_budget_mb=memory_budget_mb, output="logits")
+                               memory_budget_mb=memory_budget_mb, output="logits", runtime=runtime)
     _check_options(options)
     spatial_dims = _spatial_dims(network, patch_size)
     if not isinstance(batch, (torch.Tensor, np.ndarray)) or batch.ndim != spatial_dims + 2:
@@ -427,7 +432,7 @@ def _run_with_fallbacks(network, volumes, options, plans, progress, cancel, sink
                 if plan.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            stats["fallbacks"] = failures + plan.notes
+            stats["fallbacks"] = failures + plan.notes + stats.pop("_runtime_notes", [])
             stats["mode_reason"] = plan.reason
             return accumulated, stats
     finally:
@@ -439,27 +444,36 @@ def _run_with_fallbacks(network, volumes, options, plans, progress, cancel, sink
                            "or run on a machine with more memory.")
 
 
-def _forward(network, batch: torch.Tensor, autocast_dtype, device) -> torch.Tensor:
-    if autocast_dtype is not None:
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-            output = network(batch)
-    else:
-        output = network(batch)
-    if isinstance(output, (list, tuple)):
-        output = output[0]
-    return output
-
-
-def _predict(network, batch, plan, mirror_axes) -> torch.Tensor:
+def _predict(runner, batch, mirror_axes) -> torch.Tensor:
     """Logits for a batch, averaged over every mirrored copy (nnU-Net's TTA) when axes are given."""
-    prediction = _forward(network, batch, plan.autocast_dtype, plan.device).float()
+    prediction = runner(batch).float()
     if not mirror_axes:
         return prediction
     combos = [c for size in range(1, len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, size)]
     for combo in combos:
         dims = [axis + 2 for axis in combo]
-        prediction += torch.flip(_forward(network, torch.flip(batch, dims), plan.autocast_dtype, plan.device), dims)
+        prediction += torch.flip(runner(torch.flip(batch, dims)), dims)
     return prediction.div_(len(combos) + 1)
+
+
+def _runner(network, input_shape, options: InferenceOptions, plan: _Plan, progress):
+    """The runtime's runner for this plan; conversion (a cache miss) is reported as its own stage."""
+    started = time.perf_counter()
+
+    def on_convert(seconds):
+        if progress is not None:
+            elapsed = time.perf_counter() - started
+            progress(Progress(0 if seconds is None else 1, 1, elapsed, None, "converting to OpenVINO"))
+
+    return prepare_runner(network, input_shape, plan.device, plan.autocast_dtype, plan.precision,
+                          options.precision, options.runtime, on_convert)
+
+
+def _runner_stats(runner) -> dict:
+    stats = {"backend": runner.backend, "precision": runner.precision}
+    if runner.backend == "openvino":
+        stats.update(runtime_convert_s=round(runner.convert_s, 3), runtime_cache="hit" if runner.cache_hit else "miss")
+    return stats
 
 
 def _check_mirror_axes(mirror_axes, spatial_dims: int) -> tuple:
@@ -481,30 +495,36 @@ def _execute(network, volumes: torch.Tensor, options: InferenceOptions, plan: _P
     stats = {"mode": plan.mode, "device": str(plan.device), "precision": plan.precision,
              "batch_size": plan.batch_size, "accumulate_dtype": options.accumulate_dtype,
              "patch_size": patch, "overlap": options.overlap, "mirror_axes": mirror_axes}
+    threads = options.runtime.threads if options.runtime is not None else None
     # no_grad rather than inference_mode: results stay ordinary tensors callers may edit in place.
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(threads):
         if plan.mode == "whole":
             tracker = ProgressTracker(len(volumes), progress, cancel)
             multiple = _whole_multiple(network, patch)
+            whole_shape = tuple(math.ceil(size / multiple) * multiple for size in spatial)
+            runner = _runner(network, (volumes.shape[1],) + whole_shape, options, plan, progress)
+            stats.update(_runner_stats(runner), _runtime_notes=list(runner.notes))
             accumulated = []
             for volume in volumes:
                 tracker.check_cancel()
                 padding = []
-                for size in reversed(spatial):
-                    padding.extend([0, math.ceil(size / multiple) * multiple - size])
+                for size, target in zip(reversed(spatial), reversed(whole_shape)):
+                    padding.extend([0, target - size])
                 batch = F.pad(volume.to(plan.device)[None], padding)
-                scores = _predict(network, batch, plan, mirror_axes)[0]
+                scores = _predict(runner, batch, mirror_axes)[0]
                 crop = (slice(None),) + tuple(slice(0, s) for s in spatial)
                 accumulated.append(scores[crop].to(accumulate_dtype))
                 tracker.advance()
             stats.update(patches=len(volumes), windows=1,
                          _weight_sum=torch.ones((1,) + spatial, device=plan.device))
             return accumulated, stats
-        return _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel,
+        runner = _runner(network, (volumes.shape[1],) + patch, options, plan, progress)
+        stats.update(_runner_stats(runner), _runtime_notes=list(runner.notes))
+        return _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel,
                       sink)
 
 
-def _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel,
+def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel,
            sink=None):
     """Blend every window's prediction. With a `sink`, only a band of `patch[0]` planes is kept:
     planes no later window touches are handed to the sink (argmax/softmax) and the band moves on."""
@@ -559,7 +579,7 @@ def _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype
             for slot, window in enumerate(chunk):
                 batch_buffer[slot].copy_(volume[(slice(None),) + window])
             # Unused slots keep earlier patches: running them keeps the batch >= 2 on CPU.
-            prediction = _predict(network, batch_buffer[:max(len(chunk), minimum)], plan, mirror_axes)
+            prediction = _predict(runner, batch_buffer[:max(len(chunk), minimum)], mirror_axes)
             if prediction.shape[2:] != patch:
                 raise InputError(f"The network returned spatial size {tuple(prediction.shape[2:])} for a patch of "
                                  f"{patch}.", "Use a network whose output has the size of its input.")
@@ -587,6 +607,20 @@ def _slide(network, volumes, options, plan, patch, mirror_axes, accumulate_dtype
 
 
 # --- finishing -----------------------------------------------------------------------------------
+
+def channel_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """argmax over the channel axis of (C, *S) scores, first maximum on ties (as torch.argmax), as uint8
+    (int32 above 256 classes). A running comparison per channel: argmax(dim=0) reduces over a strided
+    axis and measured ~10x slower on CPU, the largest cost of the engine outside the network."""
+    dtype = torch.uint8 if scores.shape[0] <= 256 else torch.int32
+    labels = torch.zeros(scores.shape[1:], dtype=dtype, device=scores.device)
+    best = scores[0].clone()
+    for channel in range(1, scores.shape[0]):
+        better = scores[channel] > best
+        labels.masked_fill_(better, channel)
+        torch.maximum(best, scores[channel], out=best)
+    return labels
+
 
 def _slabs(spatial: Sequence[int], channels: int):
     """Slices along the first spatial axis holding about SLAB_VOXELS * channels values each."""
@@ -621,7 +655,7 @@ class _Outputs:
             part = scores[:, slab]
             target = slice(start + slab.start, start + slab.stop)
             # Weights are positive, so the argmax of the unnormalised sum is the argmax of the mean.
-            self.labels[target] = part.argmax(0).to(torch.int32).cpu().numpy().astype(self.labels.dtype, copy=False)
+            self.labels[target] = channel_argmax(part).cpu().numpy()
             if not (self.needs_probabilities or self.needs_uncertainty):
                 continue
             normalised = part.float() if weight_sum is None else part.float() / weight_sum[:, slab]

@@ -3,6 +3,10 @@
 Returns the same `InferenceResult` as the sliding-window engine, so callers need not care which
 sampler a checkpoint uses. Unlike the paper's code, selection here is plain top-k without Gumbel
 noise, so two runs on the same input give identical output.
+
+Both stages run through the runtime layer (`UNetSegmentLib.runtime`): the global network at the
+coarse size and the backbone at the patch size each get a runner (PyTorch or OpenVINO); the
+scorer, the selection and the small refiner stay in PyTorch.
 """
 
 from __future__ import annotations
@@ -15,22 +19,11 @@ import numpy as np
 import torch
 
 from ..errors import DeviceError, InputError
+# the sliding-window engine owns the result type and the channel argmax
+from ..inference.sliding_window import InferenceResult, channel_argmax  # noqa: F401 - re-exported
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
+from ..runtime import RuntimeOptions, prepare_runner, torch_threads
 from .model import TopKSegmenter, pad_to_patch
-
-try:  # the sliding-window engine owns the result type; fall back only while it is being written
-    from ..inference.sliding_window import InferenceResult
-except ImportError:  # pragma: no cover - transitional
-    from dataclasses import dataclass, field
-
-    @dataclass
-    class InferenceResult:
-        labels: np.ndarray
-        logits: Optional[np.ndarray] = None
-        probabilities: Optional[np.ndarray] = None
-        uncertainty: Optional[np.ndarray] = None
-        stats: dict = field(default_factory=dict)
-
 
 def _resolve_device(device) -> torch.device:
     try:
@@ -70,29 +63,55 @@ def _as_image_tensor(image, model: TopKSegmenter) -> torch.Tensor:
     return tensor
 
 
-def channel_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the channel axis of (C, *S) logits, first maximum on ties. A running comparison
-    per channel: about 3x faster on CPU than argmax(dim=0), which reduces over a strided axis."""
-    dtype = torch.uint8 if logits.shape[0] <= 256 else torch.int32
-    labels = torch.zeros(logits.shape[1:], dtype=dtype, device=logits.device)
-    best = logits[0].clone()
-    for channel in range(1, logits.shape[0]):
-        better = logits[channel] > best
-        labels.masked_fill_(better, channel)
-        torch.maximum(best, logits[channel], out=best)
-    return labels
+class _RunnerModule(torch.nn.Module):
+    """Stands in for a sub-network during one inference call: forwards batches to a runtime runner."""
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.runner(batch)
+
+
+def _swap_in_runners(model: TopKSegmenter, target: torch.device, precision: str, runtime: RuntimeOptions,
+                     tracker: ProgressTracker) -> tuple[dict, list, dict]:
+    """Replace the global network and the backbone by runners; returns (originals, notes, stats)."""
+    settings = model.settings
+    shapes = {"global_network": (model.in_channels,) + tuple(int(s) for s in settings.coarse_size),
+              "backbone": (model.in_channels,) + tuple(int(s) for s in settings.patch_size)}
+    originals, notes, stats = {}, [], {}
+    for name, shape in shapes.items():
+        network = getattr(model, name)
+        options, stage_precision = runtime, precision
+        if name == "global_network":  # an INT8 calibration is the backbone's (patch-sized inputs)
+            options = RuntimeOptions(runtime.backend, runtime.threads, runtime.cache_dir, runtime.cache_max_mb)
+            stage_precision = "fp32" if precision == "int8" else precision
+        runner = prepare_runner(network, shape, target, None, "fp32", stage_precision, options)
+        notes.extend(note for note in runner.notes if note not in notes)
+        stats[f"{name}_backend"] = runner.backend
+        stats[f"{name}_precision"] = runner.precision
+        if runner.backend == "openvino":
+            stats[f"{name}_convert_s"] = round(runner.convert_s, 3)
+        originals[name] = network
+        setattr(model, name, _RunnerModule(runner).eval())
+    tracker.check_cancel()
+    return originals, notes, stats
 
 
 def topk_inference(model: TopKSegmenter, image, k: Optional[int] = None,
                    progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
                    device="cpu", return_probabilities: bool = False, return_uncertainty: bool = False,
-                   use_coarse: bool = True, patch_batch_size: int = 2) -> InferenceResult:
+                   use_coarse: bool = True, patch_batch_size: int = 2, precision: str = "fp32",
+                   runtime: Optional[RuntimeOptions] = None) -> InferenceResult:
     """Segment a normalised (C, *spatial) volume evaluating only k patches (default: the model's k).
 
     k above the number of candidate windows is clamped to all of them (stats["k"] says what ran);
     k < 1 raises InputError. use_coarse=False ignores the global branch (k = all then equals the
     sliding window); it exists for testing and comparison. Patches run in batches of about
     `patch_batch_size` (default 2: on CPU a batch of one takes PyTorch's slow conv3d path).
+    `runtime` picks the backend of both stages (default PyTorch); `precision` "int8" runs the backbone
+    from the INT8 model in `runtime.int8_model` (the global network stays fp32).
     """
     if not isinstance(model, TopKSegmenter):
         raise InputError(f"topk_inference needs a top-k model, got {type(model).__name__}.",
@@ -109,13 +128,20 @@ def topk_inference(model: TopKSegmenter, image, k: Optional[int] = None,
     tracker.check_cancel()
     was_training = model.training
     original = next(model.parameters()).device
+    runtime = runtime or RuntimeOptions()
     model.eval().to(target)
+    originals = {}
     try:
-        logits, stats = model.predict(padded.to(target), k=k, use_coarse=use_coarse,
-                                      patch_batch_size=patch_batch_size, tracker=tracker)
+        with torch.no_grad(), torch_threads(runtime.threads):
+            originals, notes, runtime_stats = _swap_in_runners(model, target, precision, runtime, tracker)
+            logits, stats = model.predict(padded.to(target), k=k, use_coarse=use_coarse,
+                                          patch_batch_size=patch_batch_size, tracker=tracker)
     finally:
+        for name, network in originals.items():
+            setattr(model, name, network)
         model.train(was_training)
         model.to(original)
+    stats.update(runtime_stats, fallbacks=notes)
     logits = logits[(slice(None), *crop)].float().cpu()
     labels = channel_argmax(logits).numpy()
     probabilities = uncertainty = None

@@ -1,0 +1,168 @@
+"""OpenVINO execution of one network: conversion (dynamic batch), IR cache, compilation, inference.
+
+Only imported when OpenVINO is importable; everything here may raise, and the caller
+(`runtime.prepare_runner`) turns any failure into a PyTorch fallback with a one-line note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import warnings
+import weakref
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .cache import ModelCache, entry_key, weights_hash
+
+_CORE = None
+_CORE_LOCK = threading.Lock()
+# network -> {(shape, precision, threads, fingerprint, cache folder, int8 digest): (compiled, info)}
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def core():
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            import openvino as ov
+
+            _CORE = ov.Core()
+        return _CORE
+
+
+def version() -> str:
+    import openvino as ov
+
+    return str(ov.__version__)
+
+
+def _fingerprint(network: torch.nn.Module) -> tuple:
+    """Cheap identity of the current weights: storage and in-place version counter of each tensor
+    (any optimiser step or load_state_dict bumps a version), so the in-process memo never serves a
+    network whose weights changed since it was compiled."""
+    return tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in network.state_dict().items())
+
+
+def convert(network: torch.nn.Module, input_shape: Sequence[int]):
+    """ov.Model of `network` for inputs (N, *input_shape) with a dynamic batch N, first output only."""
+    import openvino as ov
+
+    shape = tuple(int(s) for s in input_shape)
+    was_training = network.training
+    network.eval()
+    example = torch.zeros((2,) + shape, dtype=torch.float32)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python branches
+            model = ov.convert_model(network, example_input=example, input=[ov.PartialShape([-1, *shape])])
+    finally:
+        network.train(was_training)
+    if len(model.outputs) > 1:  # deep-supervision style outputs: keep the full-resolution logits
+        model = ov.Model([model.outputs[0]], model.get_parameters(), "network")
+    return model
+
+
+def int8_digest(int8_model: dict) -> str:
+    digest = hashlib.sha256(bytes(int8_model["xml"]))
+    digest.update(bytes(int8_model["bin"]))
+    return digest.hexdigest()
+
+
+def compile_config(precision: str, threads: Optional[int], cache: Optional[ModelCache]) -> dict:
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    if cache is not None:
+        config["CACHE_DIR"] = str(cache.compiled_dir)
+    return config
+
+
+class OpenVINORunner:
+    """Runs batches (N, C, *shape) through a compiled model; returns float32 logits on the batch's device."""
+
+    backend = "openvino"
+
+    def __init__(self, compiled, precision: str, notes: list, convert_s: float, cache_hit: bool,
+                 input_shape: tuple):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.precision = precision
+        self.notes = notes
+        self.convert_s = convert_s
+        self.cache_hit = cache_hit
+        self.input_shape = input_shape
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        self.request.infer({0: array}, share_inputs=True, share_outputs=True)
+        # the output buffer is reused by the next call: hand out a copy the caller may keep or edit
+        output = torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True))
+        return output if batch.device.type == "cpu" else output.to(batch.device)
+
+
+def create_runner(network: torch.nn.Module, input_shape: Sequence[int], precision: str, threads: Optional[int],
+                  cache_dir, cache_max_mb: float, int8_model: Optional[dict] = None,
+                  on_convert=None) -> OpenVINORunner:
+    """Compiled runner, from the in-process memo, the disk cache, or a fresh conversion (in that order).
+
+    `precision`: fp32 | bf16 (a compile hint on the fp32 IR) | int8 (needs `int8_model`).
+    `on_convert(seconds or None)` is called before (None) and after a conversion, for progress.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    cache = ModelCache(cache_dir, cache_max_mb)
+    extra = int8_digest(int8_model) if precision == "int8" else ""
+    memo_key = (shape, precision, threads, _fingerprint(network), str(cache.folder), extra)
+    memo = _COMPILED.setdefault(network, {})
+    if memo_key in memo:
+        return OpenVINORunner(memo[memo_key], precision, [], 0.0, True, shape)
+    ir_precision = "int8" if precision == "int8" else "fp32"
+    key = entry_key(weights_hash(network), shape, "openvino", ir_precision, version(), extra)
+    notes, convert_s = [], 0.0
+    path = cache.lookup(key)
+    cache_hit = path is not None
+    model = None
+    if path is None:
+        started = time.perf_counter()
+        if on_convert is not None:
+            on_convert(None)
+        if precision == "int8":
+            def save(xml_path):
+                xml_path.write_bytes(bytes(int8_model["xml"]))
+                xml_path.with_suffix(".bin").write_bytes(bytes(int8_model["bin"]))
+        else:
+            model = convert(network, shape)
+
+            def save(xml_path):
+                import openvino as ov
+
+                ov.save_model(model, str(xml_path), compress_to_fp16=False)
+        try:
+            path = cache.store(key, save)
+        except OSError as error:
+            notes.append(f"OpenVINO cache {cache.folder} is not writable ({error.strerror or error}); "
+                         "the converted model is not kept")
+            cache = None
+            if model is None:
+                import openvino as ov
+
+                model = core().read_model(bytes(int8_model["xml"]), ov.Tensor(np.frombuffer(
+                    bytes(int8_model["bin"]), dtype=np.uint8)))
+        convert_s = time.perf_counter() - started
+        if on_convert is not None:
+            on_convert(convert_s)
+    config = compile_config(precision, threads, cache)
+    try:
+        compiled = core().compile_model(str(path) if path is not None and cache is not None else model, "CPU", config)
+    except RuntimeError:
+        if not cache_hit:
+            raise
+        cache.remove(key)  # a damaged entry: convert again, once
+        return create_runner(network, shape, precision, threads, cache_dir, cache_max_mb, int8_model, on_convert)
+    memo.clear()  # keep one compiled model per network: the newest shape/precision
+    memo[memo_key] = compiled
+    return OpenVINORunner(compiled, precision, notes, convert_s, cache_hit, shape)
