@@ -10,18 +10,23 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, UNetSegmentError, translate
 from .metadata import ModelMetadata
 
 MODEL_SUFFIX = ".pt"
-DEFAULT_MODEL_NAME = "default"
-SAMPLE_IMAGE_NAME = "sample_ct.nrrd"
-SAMPLE_REFERENCE_NAME = "sample_ct_reference.nrrd"
+# The shipped defaults per input modality: the real hippocampus MRI model (a folder of fold
+# checkpoints, softmax-averaged) and the synthetic-phantom CT demo model.
+MR_MODEL_NAME = "hippocampus_mr"
+PHANTOM_CT_MODEL_NAME = "phantom_ct_demo"
+DEFAULT_MODEL_NAMES = {"MR": MR_MODEL_NAME, "CT": PHANTOM_CT_MODEL_NAME}
+# shipped samples by name: (image, reference labelmap); "mr" is a real scan no fold trained on
+SAMPLES = {"mr": ("sample_mr_hippocampus.nii.gz", "sample_mr_hippocampus_reference.nii.gz"),
+           "phantom-ct": ("sample_ct.nrrd", "sample_ct_reference.nrrd")}
+DEFAULT_SAMPLE = "mr"
 
 
 @dataclass
@@ -68,16 +73,27 @@ def user_models_dir() -> Path:
     return base / "UNetSegment" / "models"
 
 
-def default_model_path() -> Path:
-    return shipped_models_dir() / f"{DEFAULT_MODEL_NAME}{MODEL_SUFFIX}"
+def default_model_path(modality: str = "MR") -> Path:
+    """The shipped model for an input of `modality` ('MR' -> the hippocampus ensemble folder, 'CT' -> the
+    phantom demo checkpoint); see applicability.modality_of for telling them apart from the intensities."""
+    name = DEFAULT_MODEL_NAMES.get(str(modality).upper(), MR_MODEL_NAME)
+    folder = shipped_models_dir()
+    return folder / name if name == MR_MODEL_NAME else folder / f"{name}{MODEL_SUFFIX}"
 
 
-def sample_image_path() -> Path:
-    return samples_dir() / SAMPLE_IMAGE_NAME
+def _sample(kind: str) -> tuple[str, str]:
+    try:
+        return SAMPLES[kind]
+    except KeyError:
+        raise InputError(f"No shipped sample named '{kind}'.", f"Choose one of: {', '.join(SAMPLES)}.") from None
 
 
-def sample_reference_path() -> Path:
-    return samples_dir() / SAMPLE_REFERENCE_NAME
+def sample_image_path(kind: str = DEFAULT_SAMPLE) -> Path:
+    return samples_dir() / _sample(kind)[0]
+
+
+def sample_reference_path(kind: str = DEFAULT_SAMPLE) -> Path:
+    return samples_dir() / _sample(kind)[1]
 
 
 def _entries(folder: Path, source: str) -> list[ModelEntry]:
@@ -92,8 +108,10 @@ def _entries(folder: Path, source: str) -> list[ModelEntry]:
             continue  # temp files of an atomic write in progress
         try:
             entries.append(ModelEntry(path.stem, path, read_checkpoint_metadata(path), source))
-        except CheckpointError as error:
-            entries.append(ModelEntry(path.stem, path, None, source, str(error)))
+        except (CheckpointError, UNetSegmentError, OSError, MemoryError, ValueError, TypeError) as error:
+            # issue 16: one unusable file is listed with its reason and never blocks the others
+            reason = error if isinstance(error, UNetSegmentError) else translate(error) or error
+            entries.append(ModelEntry(path.stem, path, None, source, str(reason)))
     for path in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not any(path.glob(f"*{MODEL_SUFFIX}")):
             continue
@@ -132,20 +150,14 @@ def add_user_model(path, overwrite: bool = False, name: Optional[str] = None) ->
     if not stem or any(ch in stem for ch in '/\\:'):
         raise InputError(f"'{stem}' cannot be used as a model name.", "Use letters, digits, '-' and '_'.")
     folder = user_models_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{stem}{MODEL_SUFFIX}"
-    if target.exists() and not overwrite:
+    if os.path.lexists(target) and not overwrite:
         raise InputError(f"A user model named '{stem}' already exists ({target}).",
                          "Pick another name or allow overwriting.")
-    handle, temp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
+    from .publish import temporary_output  # issue 16: read-only/full folder -> OutputError, no temp left
+
+    with temporary_output(target, overwrite) as temp_name:
         shutil.copyfile(source, temp_name)
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, target)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
     return ModelEntry(stem, target, loaded.metadata, "user")
 
 
