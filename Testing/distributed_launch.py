@@ -24,7 +24,8 @@ def free_port() -> int:
 
 def base_environment(**extra) -> dict:
     env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID")}
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not key.startswith("SLURM_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env["OMP_NUM_THREADS"] = "1"  # what torchrun sets for several ranks; also keeps the 2 cores shared fairly
     env.update({key: str(value) for key, value in extra.items()})
@@ -32,13 +33,19 @@ def base_environment(**extra) -> dict:
 
 
 def launch(script: str, scenario: str, arguments: dict, world_size: int = 2, timeout: float = 300,
-           **extra_env) -> list[subprocess.CompletedProcess]:
-    """Run `script scenario json` as ranks 0..N-1 with torchrun's variables; wait for all (or kill them)."""
+           launcher: str = "torchrun", **extra_env) -> list[subprocess.CompletedProcess]:
+    """Run `script scenario json` as ranks 0..N-1 with torchrun's (or an srun step's) variables; wait for all."""
     port = free_port()
     processes = []
     for rank in range(world_size):
-        env = base_environment(RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world_size,
-                               MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
+        if launcher == "slurm":  # what srun exports to each task of a step (MASTER_* from the batch script)
+            variables = dict(SLURM_STEP_ID=0, SLURM_STEP_NUM_TASKS=world_size, SLURM_PROCID=rank, SLURM_LOCALID=rank,
+                             SLURM_NTASKS=world_size, SLURM_JOB_NODELIST="localhost", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=port)
+        else:
+            variables = dict(RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world_size,
+                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = base_environment(**variables, **extra_env)
         processes.append(subprocess.Popen([sys.executable, script, scenario, json.dumps(arguments)], env=env,
                                           cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []

@@ -149,6 +149,14 @@ def test_a_rank_that_stops_answering_fails_the_others_within_the_timeout(tmp_pat
     assert waited < 120  # it ended by itself (the launch would have been killed at 120 s)
 
 
+def test_an_srun_step_forms_the_group_without_torchrun(tmp_path):
+    results = launch(HERE, "group", {"out": str(tmp_path)}, launcher="slurm", timeout=120)
+    assert all(r.returncode == 0 for r in results), report(results)
+    seen = [json.loads((tmp_path / f"group{rank}.json").read_text()) for rank in (0, 1)]
+    assert [s["rank"] for s in seen] == [0, 1] and all(s["world_size"] == 2 for s in seen)
+    assert all(s["sum_of_ranks_plus_one"] == 3.0 for s in seen) and all(s["backend"] == "gloo" for s in seen)
+
+
 # --- worker side ----------------------------------------------------------------------------------------
 
 def _gradients_worker(out: str) -> None:
@@ -223,6 +231,17 @@ def _silent_peer_worker(out: str) -> None:
     os._exit(0)  # do not wait for the silent peer in the group's destructor
 
 
+def _group_worker(out: str) -> None:
+    import torch
+
+    context = distributed.setup(torch.device("cpu"))
+    total = distributed.all_reduce([context.rank + 1], context)[0]
+    Path(out, f"group{context.rank}.json").write_text(json.dumps({
+        "rank": context.rank, "world_size": context.world_size, "backend": context.backend,
+        "sum_of_ranks_plus_one": total}))
+    distributed.teardown(context)
+
+
 if __name__ == "__main__":
     scenario, arguments = sys.argv[1], json.loads(sys.argv[2])
-    {"gradients": _gradients_worker, "silent_peer": _silent_peer_worker}[scenario](**arguments)
+    {"gradients": _gradients_worker, "silent_peer": _silent_peer_worker, "group": _group_worker}[scenario](**arguments)
