@@ -115,18 +115,27 @@ def test_fine_tuning_writes_a_new_model_with_its_lineage_and_never_touches_the_p
 def test_the_held_out_dice_is_the_written_models_dice_on_those_cases(parent, cases, tmp_path):
     """Oracle: the full inference pipeline with each written checkpoint on the held-out case."""
     import SimpleITK as sitk
+    import torch
 
-    from UNetSegmentLib.checkpoint import load_checkpoint
+    from UNetSegmentLib.checkpoint import load_checkpoint, save_checkpoint
     from UNetSegmentLib.finetune import fine_tune
     from UNetSegmentLib.io import read_dataset
     from UNetSegmentLib.pipeline import segment_image
     from UNetSegmentLib.training import dice_per_label
 
-    result = fine_tune(config(parent, cases, tmp_path / "tuned.pt", max_iterations=2))
+    # larger weights than trained ones, so that every label is predicted somewhere: the Dice compared
+    # below are not all zero, and a misplaced or re-normalised check would show
+    loaded = load_checkpoint(parent)
+    with torch.no_grad():
+        for parameter in loaded.network.parameters():
+            parameter.mul_(3.0)
+    noisy = save_checkpoint(tmp_path / "noisy_parent.pt", loaded.network, loaded.metadata)
+    result = fine_tune(config(noisy, cases, tmp_path / "tuned.pt", max_iterations=2))
+    assert max(result.dice_before.values()) > 0.01 and max(result.dice_after.values()) > 0.01
     case = next(c for c in read_dataset(cases).cases if c.case_id == result.held_out[0])
     image, reference = sitk.ReadImage(str(case.image_path)), sitk.ReadImage(str(case.label_path))
     labels = {0: "background", 1: "Anterior", 2: "Posterior"}
-    for path, expected in ((parent, result.dice_before), (result.output, result.dice_after)):
+    for path, expected in ((noisy, result.dice_before), (result.output, result.dice_after)):
         predicted = segment_image(image, load_checkpoint(path), device="cpu", overlap=0.5, sampler="sliding_window").labelmap
         scores = dice_per_label(sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(reference), labels)
         for name, score in scores.items():

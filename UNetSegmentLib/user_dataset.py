@@ -62,6 +62,13 @@ class UserDataset:
     cases: dict[str, dict] = field(default_factory=dict)  # case id -> record (source hash, added, segments)
 
 
+def default_training_set_dir(model_name: str) -> Path:
+    """<user data>/UNetSegment/training-cases/<model>: beside the user models, one set per model."""
+    from .model_store import user_models_dir
+
+    return user_models_dir().parent / "training-cases" / _slug(model_name)
+
+
 def normalize_name(name: str) -> str:
     """'Anterior_Hippocampus ' -> 'anterior hippocampus': segment names match model labels this way."""
     return " ".join(re.sub(r"[_\-]+", " ", str(name)).casefold().split())
