@@ -136,7 +136,8 @@ def test_the_held_out_dice_is_the_written_models_dice_on_those_cases(parent, cas
     image, reference = sitk.ReadImage(str(case.image_path)), sitk.ReadImage(str(case.label_path))
     labels = {0: "background", 1: "Anterior", 2: "Posterior"}
     for path, expected in ((noisy, result.dice_before), (result.output, result.dice_after)):
-        predicted = segment_image(image, load_checkpoint(path), device="cpu", overlap=0.5, sampler="sliding_window").labelmap
+        predicted = segment_image(image, load_checkpoint(path), device="cpu", overlap=0.5,
+                                  sampler="sliding_window").labelmap
         scores = dice_per_label(sitk.GetArrayFromImage(predicted), sitk.GetArrayFromImage(reference), labels)
         for name, score in scores.items():
             assert score == pytest.approx(expected[name], abs=0.02), (path, name)

@@ -118,6 +118,8 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastRunSeconds = {}  # model path -> seconds of the last run, for the details line
         self._lastResult = None  # (segmentation, volume, uncertainty) for Review
         self._syncingCombos = False
+        self._fineTuneJob = None  # issue 17: (FineTuneJob, parent model path) while fine-tuning runs
+        self._fineTuneTimer = None
         VTKObservationMixin.__init__(self)
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
@@ -149,6 +151,12 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installTorchButton.clicked.connect(self.offerTorchInstall)
         self.ui.segmentButton.clicked.connect(self.onSegmentButton)
         self.ui.reviewButton.clicked.connect(self.onReview)
+        self.ui.browseTrainingSetButton.clicked.connect(self.onBrowseTrainingSet)
+        self.ui.addToTrainingSetButton.clicked.connect(self.onAddToTrainingSet)
+        self.ui.fineTuneButton.clicked.connect(self.onFineTuneButton)
+        self._fineTuneTimer = qt.QTimer()
+        self._fineTuneTimer.setInterval(POLL_INTERVAL_MS)
+        self._fineTuneTimer.timeout.connect(self.pollFineTune)
 
         self.ui.installTorchButton.setVisible(not isTorchInstalled())
         self.ui.progressBar.setVisible(False)
@@ -159,6 +167,7 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.cancelJob()
+        self.cancelFineTune()
         self.exit()
         self.removeObservers()
 
@@ -480,6 +489,110 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.setText(text)
         self.ui.statusLabel.setStyleSheet("color: red" if isError else "")
         (logging.error if isError else logging.info)(text)
+
+    # --- the user's training set and fine-tuning (issue 17) ------------------------------------
+
+    def trainingSetFolder(self):
+        """The folder typed in, else one folder per model beside the user models."""
+        text = str(_value(self.ui.trainingSetLineEdit.text) or "").strip()
+        if text:
+            return text
+        from UNetSegmentLib.user_dataset import default_training_set_dir
+        name = os.path.splitext(os.path.basename(os.path.normpath(str(self.currentModelPath() or "model"))))[0]
+        return str(default_training_set_dir(name))
+
+    def currentModelPath(self):
+        return self._parameterNode.modelPath if self._parameterNode else _value(self.ui.modelSelector.currentData)
+
+    def onBrowseTrainingSet(self):
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, "Training set folder", self.trainingSetFolder())
+        if folder:
+            self.ui.trainingSetLineEdit.setText(folder)
+
+    def showFineTuneStatus(self, text, isError=False):
+        self.ui.fineTuneStatusLabel.setText(text)
+        self.ui.fineTuneStatusLabel.setStyleSheet("color: red" if isError else "")
+        (logging.error if isError else logging.info)(text)
+
+    def onAddToTrainingSet(self, confirm=None):
+        """Input volume + output segmentation (after review) -> a case; asks before replacing a case."""
+        from UNetSegmentLib.user_dataset import DuplicateCaseError
+        volume = self.ui.inputVolumeSelector.currentNode()
+        segmentation = self.ui.outputSegmentationSelector.currentNode()
+        if segmentation is None and self._lastResult is not None:
+            segmentation = self._lastResult[0]
+        modelPath = self.currentModelPath()
+        folder = self.trainingSetFolder()
+        confirm = confirm or (lambda text: slicer.util.confirmYesNoDisplay(text, windowTitle="UNetSegment"))
+        try:
+            try:
+                added = self.logic.addToTrainingSet(volume, segmentation, modelPath, folder)
+            except DuplicateCaseError as error:
+                if not confirm(f"{error.problem} Replace it with this correction?"):
+                    self.showFineTuneStatus(f"Not added: case '{error.case_id}' was kept.")
+                    return None
+                added = self.logic.addToTrainingSet(volume, segmentation, modelPath, folder, replace=True)
+        except UNetSegmentError as error:
+            self.showFineTuneStatus(str(error), isError=True)
+            return None
+        replaced = f" (replacing '{added.replaced}')" if added.replaced else ""
+        self.showFineTuneStatus(f"Added case '{added.case_id}'{replaced}: {added.cases_in_set} case(s) in {folder}.")
+        return added
+
+    def onFineTuneButton(self):
+        if self._fineTuneJob is not None:
+            self.cancelFineTune()
+            self.showFineTuneStatus("Fine-tuning cancelled; no model was written.")
+            return
+        modelPath = self.currentModelPath()
+        budget = _value(self.ui.fineTuneBudgetSpinBox.value) * 60.0
+        try:
+            job = self.logic.startFineTuning(modelPath, self.trainingSetFolder(), budgetS=budget,
+                                             device=self._parameterNode.device if self._parameterNode else "auto")
+        except UNetSegmentError as error:
+            self.showFineTuneStatus(str(error), isError=True)
+            return
+        self._fineTuneJob = (job, modelPath)
+        self.ui.fineTuneButton.setText("Cancel fine-tuning")
+        self.showFineTuneStatus("Fine-tuning: starting…")
+        self._fineTuneTimer.start()
+
+    def cancelFineTune(self):
+        if self._fineTuneJob is not None:
+            self._fineTuneJob[0].cancel()
+        self._endFineTune()
+
+    def _endFineTune(self):
+        self._fineTuneJob = None
+        if self._fineTuneTimer is not None:
+            self._fineTuneTimer.stop()
+        if hasattr(self, "ui"):
+            self.ui.fineTuneButton.setText("Fine-tune")
+
+    def pollFineTune(self):
+        """Progress (iteration i/N, loss, ETA); at the end the tuned model is selected only if not worse."""
+        if self._fineTuneJob is None:
+            return
+        job, parentPath = self._fineTuneJob
+        if not job.poll():
+            progress = job.progress
+            if progress is not None:
+                loss = f", loss {job.loss:.3f}" if job.loss is not None else ""
+                left = f", about {progress.remaining_s:.0f} s left" if progress.remaining_s is not None else ""
+                self.showFineTuneStatus(f"{progress.stage}: iteration {progress.done}/{progress.total}{loss}{left}"
+                                        if progress.stage.startswith("fine-tuning") else
+                                        f"Checking on held-out cases ({progress.done}/{progress.total})…")
+            return
+        self._endFineTune()
+        if job.error is not None:
+            self.showFineTuneStatus(str(job.error), isError=True)
+            return
+        result = job.result
+        selected = self.logic.modelAfterFineTuning(result, parentPath)
+        self.refreshModels(selectPath=selected)
+        self.showFineTuneStatus(f"{result.get('message', '')} New model: {result.get('output')}.",
+                                isError=not result.get("improved"))
+        return result
 
 
 def describeProgress(progress):

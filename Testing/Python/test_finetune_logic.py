@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,75 @@ def test_fine_tuning_runs_in_a_worker_and_keeps_the_parent(module, scene, small_
     assert logic.modelAfterFineTuning(result, str(small_model)) == expected
     assert logic.modelAfterFineTuning(dict(result, improved=False), str(small_model)) == str(small_model)
     assert not list(worker_temp.glob("unetsegment-job-*"))  # the job's temporary folder is gone
+
+
+@pytest.fixture()
+def panel(module, scene, small_model, tmp_path, monkeypatch, worker_temp):
+    """The module panel with the small model as the only (user) model."""
+    import slicer_adapter
+
+    shipped, user = tmp_path / "shipped", tmp_path / "user models"
+    shipped.mkdir()
+    user.mkdir()
+    shutil.copy(small_model, user / small_model.name)
+    monkeypatch.setenv("UNETSEGMENT_MODELS_DIR", str(shipped))
+    monkeypatch.setenv("UNETSEGMENT_USER_MODELS_DIR", str(user))
+    widget = slicer_adapter.createPanel()
+    yield widget
+    slicer_adapter.closePanel(widget)
+
+
+def test_panel_adds_the_reviewed_correction_and_asks_before_replacing(panel, scene, tmp_path):
+    volume = volume_node(scene, "hippocampus_001")
+    segmentation = new_segmentation(scene, volume)
+    paint_reference(segmentation, volume, "hippocampus_001")
+    panel.ui.inputVolumeSelector.setCurrentNode(volume)
+    panel.ui.outputSegmentationSelector.setCurrentNode(segmentation)
+    assert panel.logic.getParameterNode().modelPath.endswith("hippo_tiny.pt")
+    assert panel.trainingSetFolder().endswith("training-cases/hippo_tiny")  # the default: one set per model
+    panel.ui.trainingSetLineEdit.setText(str(tmp_path / "my cases"))
+
+    panel.ui.addToTrainingSetButton.click()
+    assert "Added case 'hippocampus_001'" in panel.ui.fineTuneStatusLabel.text
+    questions = []
+    assert panel.onAddToTrainingSet(confirm=lambda text: questions.append(text) or False) is None
+    assert "already case 'hippocampus_001'" in questions[0] and "kept" in panel.ui.fineTuneStatusLabel.text
+    added = panel.onAddToTrainingSet(confirm=lambda text: True)
+    assert added.replaced == "hippocampus_001" and "replacing" in panel.ui.fineTuneStatusLabel.text
+
+    segmentation.GetSegmentation().GetNthSegment(0).SetName("amygdala")
+    panel.ui.addToTrainingSetButton.click()
+    assert "'amygdala'" in panel.ui.fineTuneStatusLabel.text and "Fix:" in panel.ui.fineTuneStatusLabel.text
+
+
+class FinishedJob:
+    """A fine-tuning job that has ended (the worker itself is tested above): what the panel reads."""
+
+    def __init__(self, result=None, error=None):
+        self.result, self.error, self.progress, self.loss = result, error, None, None
+        self.cancelled = False
+
+    def poll(self):
+        return True
+
+    def cancel(self):
+        self.cancelled = True
+
+
+@pytest.mark.parametrize("improved", [True, False])
+def test_panel_selects_the_tuned_model_only_if_it_is_not_worse(panel, small_model, tmp_path, improved):
+    from UNetSegmentLib.model_store import user_models_dir
+
+    parent_path = panel.logic.getParameterNode().modelPath
+    tuned = user_models_dir() / "hippo_tiny-ft-20261126-230000.pt"
+    shutil.copy(small_model, tuned)
+    message = "not worse" if improved else "WORSE than 'hippo_tiny'"
+    panel._fineTuneJob = (FinishedJob({"output": str(tuned), "improved": improved, "message": message}), parent_path)
+    panel.pollFineTune()
+    selected = panel.logic.getParameterNode().modelPath
+    assert selected == (str(tuned) if improved else parent_path)
+    assert message in panel.ui.fineTuneStatusLabel.text and panel.ui.fineTuneButton.text == "Fine-tune"
+    assert panel._fineTuneJob is None
 
 
 @pytest.mark.skipif(not (SHIPPED_MR / "fold_0.pt").is_file(), reason="the shipped MRI model is not trained yet")
