@@ -45,16 +45,33 @@ def test_stand_in_event_loop_starves_python_threads_like_pythonqt():
     assert free > 0 and starved < 0.5 * free, (free, starved)
 
 
-@pytest.mark.skipif(not MODEL.is_file() or not SAMPLE.is_file(), reason="shipped phantom model/sample missing")
-def test_gui_timer_keeps_firing_and_run_takes_about_cli_time(module, scene, tmp_path, worker_temp):
-    # the same inference from the command line, timed as a user sees it (process start to exit)
-    cli_output = tmp_path / "cli.nrrd"
+def _cli_run(output, cwd):
+    """The same inference from the command line, timed as a user sees it (process start to exit)."""
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "UNetSegmentLib", "segment", str(SAMPLE), "--model", str(MODEL),
-                    "--output", str(cli_output), "--device", "cpu", "--quiet"], check=True, cwd=tmp_path,
-                   capture_output=True)
-    cli_seconds = time.perf_counter() - started
+                    "--output", str(output), "--device", "cpu", "--quiet"], check=True, cwd=cwd, capture_output=True)
+    return time.perf_counter() - started
 
+
+def _panel_run(panel):
+    """Click Segment under the GIL-holding loop; (seconds, GUI timer rate, longest gap between ticks)."""
+    ticks = []
+    guiTimer = qt.QTimer()  # stands for everything else the GUI does on timers (rendering, clocks)
+    guiTimer.setInterval(50)
+    guiTimer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    guiTimer.start()
+    started = time.perf_counter()
+    panel.ui.segmentButton.click()
+    assert slicer_adapter.processEventsUntil(lambda: not panel.isRunning, 300)
+    seconds = time.perf_counter() - started
+    guiTimer.stop()
+    assert panel.ui.statusLabel.text.startswith("Done in"), panel.ui.statusLabel.text
+    during = [t for t in ticks if t <= started + seconds]
+    return seconds, len(during) / seconds, float(np.diff([started] + during).max())
+
+
+@pytest.mark.skipif(not MODEL.is_file() or not SAMPLE.is_file(), reason="shipped phantom model/sample missing")
+def test_gui_timer_keeps_firing_and_run_takes_about_cli_time(module, scene, tmp_path, worker_temp):
     panel = slicer_adapter.createPanel()
     try:
         volume = panel.logic.addVolumeFromImage(sitk.ReadImage(str(SAMPLE)), "sample")
@@ -62,33 +79,23 @@ def test_gui_timer_keeps_firing_and_run_takes_about_cli_time(module, scene, tmp_
         parameters = panel.logic.getParameterNode()
         parameters.modelPath = str(MODEL)
         parameters.device = "cpu"
-        ticks = []
-        guiTimer = qt.QTimer()  # stands for everything else the GUI does on timers (rendering, clocks)
-        guiTimer.setInterval(50)
-        guiTimer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-        guiTimer.start()
-        started = time.perf_counter()
-        panel.ui.segmentButton.click()
-        assert slicer_adapter.processEventsUntil(lambda: not panel.isRunning, 300)
-        panel_seconds = time.perf_counter() - started
-        guiTimer.stop()
-        assert panel.ui.statusLabel.text.startswith("Done in"), panel.ui.statusLabel.text
-
-        during = [t for t in ticks if t <= started + panel_seconds]
-        rate = len(during) / panel_seconds
-        gaps = np.diff([started] + during)
-        assert rate >= 5.0, f"GUI timer fired at {rate:.1f} Hz during inference"
-        assert gaps.max() < 1.0, f"the GUI froze for {gaps.max():.2f} s"
-        ratio = panel_seconds / cli_seconds
-        assert ratio <= 1.3, f"panel {panel_seconds:.1f} s vs CLI {cli_seconds:.1f} s (ratio {ratio:.2f})"
-        print(f"gui_rate_hz={rate:.1f} max_gap_s={gaps.max():.3f} panel_s={panel_seconds:.2f} "
-              f"cli_s={cli_seconds:.2f} ratio={ratio:.2f}")
+        cli_times, panel_times = [], []
+        for round_ in range(2):  # interleaved, best of two: the machine's load varies during a run
+            cli_times.append(_cli_run(tmp_path / f"cli{round_}.nrrd", tmp_path))
+            parameters.outputSegmentation = None
+            seconds, rate, gap = _panel_run(panel)
+            panel_times.append(seconds)
+            assert rate >= 5.0, f"GUI timer fired at {rate:.1f} Hz during inference"
+            assert gap < 1.0, f"the GUI froze for {gap:.2f} s"
+        ratio = min(panel_times) / min(cli_times)
+        print(f"gui_rate_hz={rate:.1f} max_gap_s={gap:.3f} panel_s={panel_times} cli_s={cli_times} ratio={ratio:.2f}")
+        assert ratio <= 1.3, f"panel {panel_times} s vs CLI {cli_times} s (best-of-two ratio {ratio:.2f})"
 
         # same labels as the CLI run (the CLI is the oracle for the worker's result)
-        segmentation = slicer.util.getNodesByClass("vtkMRMLSegmentationNode")[0]
+        segmentation = parameters.outputSegmentation
         names = [label.name for label in read_model_metadata(MODEL).labels[1:]]
         labels = panel.logic.labelmapArrayFromSegments(segmentation, names, volume)
-        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(cli_output)))
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cli1.nrrd")))
         assert np.array_equal(labels, expected)
     finally:
         slicer_adapter.closePanel(panel)
