@@ -29,7 +29,7 @@ EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = [("sliding_window", "Sliding window"), ("topk", "Top-k patches"), ("whole", "Whole volume")]
 DEVICES = [("auto", "Auto (GPU if available)"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)")]
 SELF_TEST_DICE_THRESHOLD = 0.80
-SELF_TEST_MODALITY, SELF_TEST_SAMPLE = "CT", "phantom-ct"  # the shipped phantom CT model on its sample
+SELF_TEST_MODALITY, SELF_TEST_SAMPLE = "MR", "mr"  # the real hippocampus model on a real held-out MRI case
 POLL_INTERVAL_MS = 100
 OUTPUT_ROLE_ATTRIBUTE = "UNetSegment.Role"  # set on the volumes the module creates (uncertainty)
 TORCH_MISSING = ("PyTorch is not installed.",
@@ -118,6 +118,7 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastRunSeconds = {}  # model path -> seconds of the last run, for the details line
         self._lastResult = None  # (segmentation, volume, uncertainty) for Review
         self._syncingCombos = False
+        self._modalityInputId = None  # the input whose modality last chose the model
         self._fineTuneJob = None  # issue 17: (FineTuneJob, parent model path) while fine-tuning runs
         self._fineTuneTimer = None
         VTKObservationMixin.__init__(self)
@@ -246,7 +247,8 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._syncingCombos = True
         try:
             listedPaths = [str(entry.path) for entry in self._modelEntries]
-            if not node.modelPath and listedPaths:  # none chosen yet: the first listed model
+            self.followInputModality(node, listedPaths)
+            if not node.modelPath and listedPaths:  # none chosen yet, no shipped default: the first listed
                 node.modelPath = listedPaths[0]
             if node.modelPath in listedPaths:
                 self._selectItemData(self.ui.modelSelector, node.modelPath)
@@ -258,6 +260,23 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._syncingCombos = False
         self.updateModelDetails()
         self.updateButtons()
+
+    def followInputModality(self, node, listedPaths):
+        """A new input gets the shipped model for its modality (MR: hippocampus, CT: phantom demo) unless
+        the user picked a model of their own; checked once per input volume."""
+        inputId = node.inputVolume.GetID() if node.inputVolume else None
+        if inputId is None or inputId == self._modalityInputId:
+            return
+        self._modalityInputId = inputId
+        if node.modelPath and node.modelPath not in self.logic.shippedDefaultModelPaths():
+            return  # the user's own choice stays
+        try:
+            preferred = self.logic.defaultModelPathFor(node.inputVolume)
+        except Exception:  # an unreadable volume must not break the panel; keep the current model
+            logging.exception("UNetSegment: could not tell the input's modality")
+            return
+        if preferred in listedPaths and preferred != node.modelPath:
+            node.modelPath = preferred
 
     @staticmethod
     def _selectItemData(comboBox, data):
@@ -465,9 +484,13 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastRunSeconds[str(node.modelPath)] = result.seconds
         self.updateModelDetails()
         notes = (result.stats or {}).get("fallbacks") or []
+        # e.g. a CT given to an MR model: shown first, in the error colour, before the result is trusted
+        warnings = (result.stats or {}).get("warnings") or []
         roi = f" {job.roiSavings()}" if job.roiDescription else ""
-        self.showStatus(f"Done in {job.wallSeconds:.1f} s: {len(result.labels) - 1} segment(s) in "
-                        f"'{segmentation.GetName()}'.{roi}" + "".join(f"\nNote: {note}" for note in notes))
+        self.showStatus("".join(f"Warning: {warning}\n" for warning in warnings)
+                        + f"Done in {job.wallSeconds:.1f} s: {len(result.labels) - 1} segment(s) in "
+                        f"'{segmentation.GetName()}'.{roi}" + "".join(f"\nNote: {note}" for note in notes),
+                        isError=bool(warnings))
 
     def onReview(self):
         if self._lastResult is None:
@@ -807,6 +830,24 @@ class UNetSegmentLogic(ScriptedLoadableModuleLogic):
             raise InputError(f"ROI '{roiNode.GetName()}' does not overlap volume '{volumeNode.GetName()}'.",
                              "Move the ROI onto the volume, or clear the ROI selector.")
         return [int(v) for v in low], [int(v) for v in high - low]
+
+    @staticmethod
+    def inputModality(volumeNode):
+        """'CT' or 'MR' as far as the voxel values tell (Hounsfield air), without torch."""
+        from UNetSegmentLib.applicability import modality_of
+
+        return modality_of(slicer.util.arrayFromVolume(volumeNode))
+
+    @staticmethod
+    def shippedDefaultModelPaths():
+        from UNetSegmentLib.model_store import DEFAULT_MODEL_NAMES, default_model_path
+
+        return [str(default_model_path(modality)) for modality in DEFAULT_MODEL_NAMES]
+
+    def defaultModelPathFor(self, volumeNode):
+        from UNetSegmentLib.model_store import default_model_path
+
+        return str(default_model_path(self.inputModality(volumeNode)))
 
     @staticmethod
     def contextMarginMm(modelPath):
