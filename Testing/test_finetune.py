@@ -267,3 +267,23 @@ def test_cli_finetune_plain_and_json(parent, cases, tmp_path):
     assert code == 2 and err.startswith("error: ") and "Fix:" in err and "Traceback" not in err
     assert json.loads(out.splitlines()[-1])["event"] == "error"
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_split_and_naming_rules(parent, tmp_path, monkeypatch):
+    import datetime
+
+    from UNetSegmentLib.finetune import default_output, resolve_parent, split_cases
+
+    assert split_cases(3, 0.25, 4, seed=0) is None  # too few to keep some aside: leave-one-out
+    for count in (4, 5, 8, 12):
+        tune, held = split_cases(count, 0.25, 4, seed=0)
+        assert len(held) == max(1, round(count * 0.25)) and sorted(tune + held) == list(range(count))
+        assert split_cases(count, 0.25, 4, seed=0) == (tune, held)  # seeded
+    with pytest.raises(InputError, match="at least 2"):
+        split_cases(1, 0.25, 4, seed=0)
+    tuned_before = tmp_path / "hippo_small-ft-20261126-220000.pt"
+    shutil.copy(parent, tuned_before)
+    assert resolve_parent(tuned_before).name == "hippo_small"  # a tuned model's child is named after the root
+    monkeypatch.setenv("UNETSEGMENT_USER_MODELS_DIR", str(tmp_path / "models"))
+    assert default_output("hippo_small", datetime.datetime(2026, 11, 26, 23, 5, 9)) == \
+        tmp_path / "models" / "hippo_small-ft-20261126-230509.pt"
