@@ -24,6 +24,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+# A fixed memory budget: the guard's verdicts must not depend on this machine's free RAM (issue 16).
+os.environ.setdefault("UNETSEGMENT_MEMORY_LIMIT_MB", "4000")
+
 TESTING = Path(__file__).resolve().parent
 REPO_ROOT = TESTING.parent
 for folder in (REPO_ROOT, TESTING / "Python", TESTING / "bad_inputs"):
@@ -606,21 +609,538 @@ def test_logic_model_choice_case(name, model, expect, module, scene, tmp_path):
     TRIED["Logic"].add(name)
 
 
-def test_logic_cancel_in_the_middle_changes_nothing(module, scene, valid_checkpoint, monkeypatch):
-    """The user presses Cancel while patches are running: the scene stays exactly as it was."""
-    original = module.SegmentationJob._onProgress
-    reports = []
+def test_logic_cancel_in_the_middle_changes_nothing(module, scene, valid_checkpoint):
+    """The user presses Cancel once patches are running (worker process): the scene stays exactly as it was."""
+    import time
 
-    def cancel_on_first_report(self, progress):
-        reports.append(progress)
-        original(self, progress)
-        self.cancel()
-
-    monkeypatch.setattr(module.SegmentationJob, "_onProgress", cancel_on_first_report)
-    volume = _volume_from_image(module, make_corpus.phantom_image(LARGER_SHAPE))
-    _run_logic_case(module, scene, volume, valid_checkpoint, E("Cancelled", ("cancel",)), overlap=0.75)
-    assert reports and reports[0].done < reports[0].total, "cancel must land in the middle of the run"
+    volume = _volume_from_image(module, make_corpus.phantom_image((48, 56, 52)))
+    manual = _existing_segmentation(scene, volume)
+    manual_before = _segments(manual, volume)
+    node_count = scene.GetNumberOfNodes()
+    job = module.UNetSegmentLogic().startSegmentation(volume, str(valid_checkpoint), device="cpu", overlap=0.9)
+    seen = None
+    deadline = time.monotonic() + 300
+    while not job.poll() and time.monotonic() < deadline:
+        progress = job.progress
+        if seen is None and progress is not None and getattr(progress, "total", 0) and progress.done >= 1:
+            seen = progress
+            job.cancel()
+        time.sleep(0.01)
+    assert seen is not None and seen.done < seen.total, "cancel must land in the middle of the run"
+    assert isinstance(job.error, errors.Cancelled), job.error
+    assert_clear_message(str(job.error), E("Cancelled", ("cancel",)))
+    assert scene.GetNumberOfNodes() == node_count, "the scene changed"
+    _assert_segments_kept(manual_before, _segments(manual, volume))
     TRIED["Logic"].add("cancel")
+
+
+# --- issue 16: faults at the write, no-replace publish, memory, values, signals, generated documents -----
+
+
+def _hidden_files(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob(".*"))
+
+
+def _segment_argv(image, output, model, *extra) -> list:
+    return ["segment", image, "--output", output, "--model", model, "--device", "cpu", "--quiet", *extra]
+
+
+def _assert_one_error_line(code: int, err: str, *words: str) -> str:
+    assert code == 2, (code, err)
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    assert "Fix:" in lines[0], lines[0]
+    for word in words:
+        assert word.lower() in lines[0].lower(), (word, lines[0])
+    return lines[0]
+
+
+def _inject_errno_at_temp_creation(monkeypatch, folder: Path, code: int) -> None:
+    """A read-only (EROFS/EACCES) folder as the kernel reports it; root ignores chmod, so inject it."""
+    import tempfile
+
+    from UNetSegmentLib import publish
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        if Path(kwargs.get("dir") or ".").resolve() == folder.resolve():
+            raise OSError(code, os.strerror(code), str(folder))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(publish.tempfile, "mkstemp", mkstemp)
+
+
+def _inject_full_disk_at_image_write(monkeypatch) -> list:
+    """ENOSPC in the middle of the write: half the bytes land in the temp file, then the write fails."""
+    real = sitk.WriteImage
+    partial = []
+
+    def write(image, name, *args, **kwargs):
+        real(image, name, *args, **kwargs)
+        data = Path(name).read_bytes()
+        Path(name).write_bytes(data[: len(data) // 2])
+        partial.append(name)
+        raise RuntimeError(f"Exception thrown in SimpleITK ImageFileWriter_Execute: ITK ERROR: NrrdImageIO: "
+                           f"Write: Error writing {name}: No space left on device")
+
+    monkeypatch.setattr(sitk, "WriteImage", write)
+    return partial
+
+
+@pytest.mark.parametrize("fault", ["read_only_folder", "full_disk"])
+def test_segment_write_fault_is_one_line_and_loses_nothing(fault, command_line, output_folder, valid_checkpoint,
+                                                           valid_image, monkeypatch):
+    import errno
+
+    if fault == "read_only_folder":
+        _inject_errno_at_temp_creation(monkeypatch, output_folder, errno.EROFS)
+        words = ("read-only",)
+    else:
+        partial = _inject_full_disk_at_image_write(monkeypatch)
+        words = ("disk is full",)
+    before = snapshot(output_folder)
+    code, _, err = run_cli(command_line, _segment_argv(valid_image, output_folder / "result.nrrd", valid_checkpoint,
+                                                       "--overwrite"))
+    _assert_one_error_line(code, err, *words)
+    assert_nothing_lost(output_folder, before)
+    if fault == "full_disk":
+        assert partial and not any(Path(name).exists() for name in partial)
+    TRIED["CLI"].add(f"segment_{fault}")
+
+
+def test_evaluate_into_a_full_disk_keeps_the_old_csv(command_line, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    reference = tmp_path / "reference.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.eye(6, dtype=np.uint8)[None].repeat(3, 0)), str(reference))
+    output = tmp_path / "metrics.csv"
+    output.write_text("earlier metrics\n", encoding="utf-8")
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+        def write(self, text):
+            self.stream.write(text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fake_open(name, mode="r", *args, **kwargs):
+        stream = real_open(name, mode, *args, **kwargs)
+        return FullDisk(stream) if "w" in mode and Path(name).name.startswith(".metrics.csv") else stream
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(command_line, ["evaluate", reference, reference, "--output", output, "--overwrite",
+                                          "--no-plot"] if _has_option("evaluate", "--no-plot") else
+                           ["evaluate", reference, reference, "--output", output, "--overwrite"])
+    monkeypatch.undo()
+    _assert_one_error_line(code, err, "disk is full")
+    assert_nothing_lost(tmp_path, before)
+    TRIED["CLI"].add("evaluate_full_disk")
+
+
+def _has_option(command: str, option: str) -> bool:
+    parser = cli.build_parser()
+    sub = next(action for action in parser._actions if getattr(action, "choices", None) and command in action.choices)
+    return any(option in action.option_strings for action in sub.choices[command]._actions)
+
+
+def test_failed_train_write_keeps_the_model_at_a_named_fallback(command_line, corpus, tmp_path, monkeypatch):
+    """The whole run is not lost when its checkpoint cannot be written: it goes to a fallback it names."""
+    import errno
+
+    import torch
+
+    from UNetSegmentLib.checkpoint import load_checkpoint
+
+    good = tmp_path / "dataset"
+    make_corpus._dataset(good, lambda case, image: make_corpus._label(image))
+    rescue = tmp_path / "rescued"
+    monkeypatch.setenv("UNETSEGMENT_RESCUE_DIR", str(rescue))
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    real_save = torch.save
+
+    def save(payload, stream, *args, **kwargs):
+        if str(output_dir) in str(getattr(stream, "name", stream)):
+            stream.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(payload, stream, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    code, _, err = run_cli(command_line, ["train", good, "--output", output_dir / "model.pt", "--features", "4",
+                                          "--levels", "2", "--patch-size", "8", "8", "8", "--epochs", "1",
+                                          "--iterations", "1", "--folds", "2", "--no-augment", "--device", "cpu",
+                                          "--quiet"])
+    monkeypatch.undo()
+    line = _assert_one_error_line(code, err, "disk is full", str(rescue))
+    assert list(output_dir.iterdir()) == [], "no partial checkpoint or temp file at the failed path"
+    rescued = list(rescue.glob("model-*.pt"))
+    assert len(rescued) == 1 and str(rescued[0]) in line, (rescued, line)
+    assert load_checkpoint(rescued[0]).metadata.labels[1].name == "liver"
+    TRIED["CLI"].add("train_write_fails")
+
+
+def test_file_appearing_at_the_output_during_the_run_is_not_replaced(command_line, tmp_path, valid_checkpoint,
+                                                                     valid_image, monkeypatch):
+    """The no-overwrite promise holds at the rename, not only at the start."""
+    from UNetSegmentLib.commands import segment as segment_command
+
+    output = tmp_path / "result.nrrd"
+
+    def appears(self, report):
+        if not output.exists():
+            output.write_bytes(b"written by another program meanwhile")
+
+    monkeypatch.setattr(segment_command.ProgressBar, "__call__", appears)
+    code, _, err = run_cli(command_line, ["segment", valid_image, "--output", output, "--model", valid_checkpoint,
+                                          "--device", "cpu"])
+    _assert_one_error_line(code, err, "already exists", "--overwrite")
+    assert output.read_bytes() == b"written by another program meanwhile"
+    assert _hidden_files(tmp_path) == []
+    TRIED["CLI"].add("output_appears_during_run")
+
+
+def test_dangling_symlink_at_the_output_is_not_replaced(command_line, tmp_path, valid_checkpoint, valid_image):
+    link = tmp_path / "result.nrrd"
+    link.symlink_to(tmp_path / "elsewhere" / "gone.nrrd")
+    code, _, err = run_cli(command_line, _segment_argv(valid_image, link, valid_checkpoint))
+    _assert_one_error_line(code, err, "already exists")
+    assert link.is_symlink() and os.readlink(link) == str(tmp_path / "elsewhere" / "gone.nrrd")
+    TRIED["CLI"].add("dangling_symlink_output")
+
+
+def test_publish_without_overwrite_never_replaces_even_a_racing_file(tmp_path):
+    from UNetSegmentLib import publish
+
+    target = tmp_path / "out.txt"
+    with pytest.raises(errors.InputError):
+        with publish.temporary_output(target) as temp:
+            temp.write_text("new result")
+            target.write_text("arrived during the write")  # after every early check
+    assert target.read_text() == "arrived during the write"
+    assert _hidden_files(tmp_path) == [] and publish.live_temp_files() == []
+    with publish.temporary_output(target, overwrite=True) as temp:
+        temp.write_text("replaced on request")
+    assert target.read_text() == "replaced on request"
+
+
+def test_output_equal_to_input_is_refused_even_with_overwrite(command_line, tmp_path, valid_checkpoint, valid_image):
+    image = tmp_path / "ct.nrrd"
+    image.write_bytes(valid_image.read_bytes())
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(command_line, _segment_argv(image, image, valid_checkpoint, "--overwrite"))
+    _assert_one_error_line(code, err, "is the input")
+    assert_nothing_lost(tmp_path, before)
+    TRIED["CLI"].add("output_is_input")
+
+
+def test_two_inputs_mapping_to_one_output_are_refused_before_work(command_line, tmp_path, valid_checkpoint,
+                                                                  valid_image):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = sitk.ReadImage(str(valid_image))
+    sitk.WriteImage(image, str(inputs / "a.nrrd"))
+    sitk.WriteImage(image, str(inputs / "a.nii.gz"))
+    out = tmp_path / "out"
+    code, _, err = run_cli(command_line, _segment_argv(inputs, out, valid_checkpoint, "--format", "nrrd"))
+    _assert_one_error_line(code, err, "a.nrrd", "a.nii.gz", "would both be written")
+    assert not out.exists() or list(out.iterdir()) == []
+    TRIED["CLI"].add("two_inputs_one_output")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_fifo_and_device_as_input(kind, command_line, tmp_path, valid_checkpoint):
+    path = Path("/dev/zero")
+    if kind == "fifo":
+        path = tmp_path / "pipe.nrrd"
+        os.mkfifo(path)
+    code, _, err = run_cli(command_line, _segment_argv(path, tmp_path / "out.nrrd", valid_checkpoint))
+    _assert_one_error_line(code, err, "FIFO" if kind == "fifo" else "device")
+    assert not (tmp_path / "out.nrrd").exists()
+    TRIED["CLI"].add(kind)
+
+
+@pytest.mark.parametrize("name,argv_extra,words", [
+    ("device_xpu", ["--device", "xpu"], ("xpu", "cpu")),
+    ("overlap_0_99", ["--overlap", "0.99"], ("windows", "--yes")),
+    ("memory_limit_tiny", ["--memory-limit-mb", "0.01"], ("would need about", "--memory-limit-mb")),
+])
+def test_segment_option_faults(name, argv_extra, words, command_line, tmp_path, valid_checkpoint):
+    image = _larger_image(tmp_path / "larger.nrrd")
+    argv = ["segment", image, "--output", tmp_path / "out.nrrd", "--model", valid_checkpoint, "--quiet"]
+    argv += argv_extra if "--device" in argv_extra else ["--device", "cpu", *argv_extra]
+    code, _, err = run_cli(command_line, argv)
+    _assert_one_error_line(code, err, *words)
+    assert not (tmp_path / "out.nrrd").exists()
+    TRIED["CLI"].add(name)
+
+
+def test_overlap_0_99_runs_with_yes_in_principle(valid_checkpoint):
+    """--yes is only a confirmation: the window count it guards is the engine's own count."""
+    import torch
+
+    from UNetSegmentLib.commands.segment import planned_windows
+    from UNetSegmentLib.topk.model import window_starts
+
+    for grid in ((24, 28, 26), (64, 80, 40)):
+        for overlap in (0.5, 0.75, 0.99):
+            padded = tuple(max(s, 16) for s in grid)
+            assert planned_windows(grid, (16, 16, 16), overlap) == len(window_starts(padded, (16, 16, 16), overlap))
+    del torch
+
+
+def test_argparse_errors_and_negative_seed_have_a_fix(command_line, tmp_path):
+    for argv, word in ((["segment"], "required"), (["segmnet"], "invalid choice"),
+                       (["train", tmp_path, "--output", tmp_path / "m.pt", "--seed", "-1"], "--seed")):
+        err = text_io.StringIO()
+        with redirect_stderr(err), redirect_stdout(text_io.StringIO()):
+            try:
+                code = command_line.main([str(a) for a in argv])
+            except SystemExit as exit_:
+                code = exit_.code
+        _assert_one_error_line(code, err.getvalue(), word)
+    TRIED["CLI"].add("argparse_and_seed")
+
+
+def test_uint32_prediction_label_65537_is_not_scored_as_label_1(command_line, tmp_path):
+    reference = np.zeros((4, 6, 6), np.uint8)
+    reference[1:3, 1:4, 1:4] = 1
+    prediction = reference.astype(np.uint32) * 65537
+    sitk.WriteImage(sitk.GetImageFromArray(reference), str(tmp_path / "ref.nrrd"))
+    sitk.WriteImage(sitk.GetImageFromArray(prediction), str(tmp_path / "pred.nrrd"))
+    code, _, err = run_cli(command_line, ["evaluate", tmp_path / "pred.nrrd", tmp_path / "ref.nrrd", "--output",
+                                          tmp_path / "m.csv"])
+    assert code == 0, err
+    rows = {int(line.split(",")[1]): float(line.split(",")[2])
+            for line in (tmp_path / "m.csv").read_text().splitlines()[1:]}
+    assert rows == {1: 0.0, 65537: 0.0}, rows
+    TRIED["CLI"].add("uint32_prediction_65537")
+
+
+def test_bad_checkpoint_in_user_models_is_listed_and_blocks_nothing(command_line, corpus, valid_checkpoint, tmp_path,
+                                                                    monkeypatch):
+    folder = tmp_path / "user_models"
+    folder.mkdir()
+    (folder / "good.pt").write_bytes(valid_checkpoint.read_bytes())
+    for name in ("ckpt_patch_size_scalar", "ckpt_non_tensor_weight", "ckpt_metadata_list", "ckpt_truncated"):
+        (folder / f"bad_{name}.pt").write_bytes(corpus[name].path.read_bytes())
+    monkeypatch.setenv("UNETSEGMENT_USER_MODELS_DIR", str(folder))
+    code, out, err = run_cli(command_line, ["models"])
+    assert code == 0 and "Traceback" not in out + err, err
+    good = [line for line in out.splitlines() if line.strip().startswith("good ")]
+    assert good and "INVALID" not in good[0], out
+    for name in ("ckpt_patch_size_scalar", "ckpt_non_tensor_weight", "ckpt_metadata_list", "ckpt_truncated"):
+        line = next(line for line in out.splitlines() if f"bad_{name}" in line)
+        assert "INVALID" in line or "unusable" in line.lower(), line
+    assert "patch_size" in out and "a tensor" in out
+    TRIED["CLI"].add("bad_user_model")
+
+
+def test_genuine_bug_keeps_its_traceback(command_line, valid_checkpoint, valid_image, tmp_path, monkeypatch):
+    """The boundary is not a catch-all: an unexpected exception is a bug and is shown (and logged) as one."""
+    from UNetSegmentLib import pipeline
+
+    def broken(*args, **kwargs):
+        return {}["a bug"]
+
+    monkeypatch.setattr(pipeline.preprocessing, "normalize", broken)
+    code, _, err = run_cli(command_line, _segment_argv(valid_image, tmp_path / "o.nrrd", valid_checkpoint))
+    assert code == 1 and "Traceback" in err and "KeyError" in err and "bug" in err, err
+    assert not (tmp_path / "o.nrrd").exists() and _hidden_files(tmp_path) == []
+
+
+def test_irregular_dicom_series_is_accepted_with_the_flag_and_a_warning(command_line, corpus, tmp_path,
+                                                                         valid_checkpoint):
+    case = corpus["dicom_missing_slice"]
+    code, _, err = run_cli(command_line, _segment_argv(case.path, tmp_path / "o.nrrd", valid_checkpoint,
+                                                       "--accept-irregular-series"))
+    assert code == 0, err
+    assert "warning: " in err and "4.00 mm" in err, err
+    TRIED["CLI"].add("dicom_accepted_with_flag")
+
+
+# generated documents: property-based, a few hundred per schema
+
+
+def _valid_metadata_dict() -> dict:
+    return make_corpus._metadata().to_dict()
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-10 ** 12, 10 ** 12) | st.floats(allow_nan=True)
+               | st.text(max_size=8))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=8)
+
+
+def _mutated(base: dict):
+    """A valid document with some fields replaced by arbitrary JSON values, deleted, or nested damage."""
+    from hypothesis import strategies as st
+
+    keys = sorted(base)
+
+    def damage(changes):
+        document = json_copy(base)
+        for key, value, delete in changes:
+            if delete:
+                document.pop(key, None)
+            else:
+                document[key] = value
+        return document
+
+    return st.lists(st.tuples(st.sampled_from(keys), _json_values(), st.booleans()), min_size=1,
+                    max_size=3).map(damage)
+
+
+def json_copy(value):
+    import copy
+
+    return copy.deepcopy(value)
+
+
+def _check_document_outcome(call, error_classes):
+    try:
+        return call()
+    except error_classes as error:
+        message = str(error)
+        assert "Fix:" in message and "Traceback" not in message, message
+        field = getattr(error, "field", "")
+        if field and not field.startswith("("):
+            assert field.split("[")[0].split(".")[0] in message, (field, message)
+        return None
+
+
+def test_generated_checkpoint_metadata_is_validated_field_by_field():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from UNetSegmentLib.metadata import ModelMetadata
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.one_of(_mutated(_valid_metadata_dict()), _json_values()))
+    def check(document):
+        metadata = _check_document_outcome(lambda: ModelMetadata.from_dict(document, "generated.pt"),
+                                           errors.CheckpointError)
+        if metadata is not None:  # what passes is usable: the invariants inference relies on hold
+            assert metadata.spatial_dims in (2, 3) and len(metadata.patch_size) == metadata.spatial_dims
+            assert all(isinstance(p, int) and p > 0 for p in metadata.patch_size)
+            assert len(metadata.target_spacing) == 3 and all(s > 0 for s in metadata.target_spacing)
+            assert [label.value for label in metadata.labels] == list(range(len(metadata.labels)))
+
+    check()
+    TRIED["CLI"].add("generated_checkpoint_metadata")
+
+
+def test_generated_dataset_json_is_validated_field_by_field(tmp_path):
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from UNetSegmentLib.io import read_dataset
+
+    base = {"name": "generated", "labels": {"0": "background", "1": "liver"}, "modality": {"0": "CT"},
+            "file_ending": ".nii.gz",
+            "training": [{"image": "./imagesTr/c0_0000.nii.gz", "label": "./labelsTr/c0.nii.gz"}]}
+    folder = tmp_path / "generated"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    text_documents = st.builds(lambda text, cut: text[:cut], st.just(json.dumps(base)), st.integers(0, 200))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.one_of(_mutated(base).map(json.dumps), _json_values().map(json.dumps), text_documents,
+                     st.binary(max_size=40).map(lambda data: data.decode("latin-1"))))
+    def check(text):
+        (folder / "dataset.json").write_text(text, encoding="utf-8")
+        _check_document_outcome(lambda: read_dataset(folder), errors.InputError)
+
+    check()
+    TRIED["CLI"].add("generated_dataset_json")
+
+
+# signals at each stage, in a real process
+
+_STAGE_DRIVER = r"""
+import os, sys, time
+sys.path.insert(0, {repo!r})
+stage, seconds = sys.argv[1], float(sys.argv[2])
+from UNetSegmentLib import io, preprocessing, pipeline, cli
+import SimpleITK as sitk
+
+def announce_then_wait(original, name, after=False):
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs) if after else None
+        print("STAGE " + name, flush=True)
+        end = time.time() + seconds
+        while time.time() < end:
+            time.sleep(0.02)
+        return result if after else original(*args, **kwargs)
+    return wrapper
+
+if stage == "read":
+    io._read_file = announce_then_wait(io._read_file, "read")
+elif stage == "preprocess":
+    preprocessing.resample_image = announce_then_wait(preprocessing.resample_image, "preprocess")
+elif stage == "window":
+    from UNetSegmentLib import progress  # after the first batch of windows, before the next
+    progress.ProgressTracker.advance = announce_then_wait(progress.ProgressTracker.advance, "window", after=True)
+elif stage == "postprocess":
+    preprocessing.resample_scores = announce_then_wait(preprocessing.resample_scores, "postprocess")
+elif stage == "write":
+    sitk.WriteImage = announce_then_wait(sitk.WriteImage, "write", after=True)
+sys.argv = ["UNetSegmentLib"] + sys.argv[3:]
+import runpy
+runpy.run_module("UNetSegmentLib", run_name="__main__")  # the real entry point, as `python -m` runs it
+"""
+
+
+@pytest.mark.parametrize("stage,signal_name", [
+    ("read", "SIGINT"), ("preprocess", "SIGTERM"), ("window", "SIGINT"), ("postprocess", "SIGTERM"),
+    ("postprocess", "SIGINT"), ("write", "SIGINT"), ("write", "SIGTERM"),
+])
+def test_signal_at_each_stage_writes_nothing_and_leaves_no_temp(stage, signal_name, tmp_path, valid_checkpoint,
+                                                                valid_image):
+    import time
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("the user's file\n")
+    before = snapshot(folder)
+    driver = tmp_path / "driver.py"
+    driver.write_text(_STAGE_DRIVER.format(repo=str(REPO_ROOT)), encoding="utf-8")
+    argv = [sys.executable, str(driver), stage, "1.5" if stage == "write" else "20", "segment", str(valid_image),
+            "--output", str(folder / "result.nrrd"), "--model", str(valid_checkpoint), "--device", "cpu", "--quiet"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    line = process.stdout.readline()
+    assert line.strip() == f"STAGE {stage}", (line, process.stderr.read() if process.poll() is not None else "")
+    sent = time.monotonic()
+    process.send_signal(getattr(signal, signal_name))
+    _, err = process.communicate(timeout=60)
+    latency = time.monotonic() - sent
+    assert process.returncode in (2, 130, 143), (process.returncode, err)
+    assert "Traceback" not in err, err
+    lines = [text for text in err.splitlines() if text.startswith("error: ")]
+    assert len(lines) == 1 and ("cancel" in lines[0].lower() or "sigterm" in lines[0].lower()), err
+    assert_nothing_lost(folder, before)
+    assert _hidden_files(folder) == []
+    SIGNAL_LATENCIES[f"{stage}/{signal_name}"] = round(latency, 2)
+    TRIED["CLI"].add(f"signal_{stage}_{signal_name}")
+
+
+SIGNAL_LATENCIES: dict = {}
 
 
 # --- the count ----------------------------------------------------------------------------------------
@@ -631,5 +1151,7 @@ def test_zz_corpus_size_report(capsys):
     cli_count, logic_count = len(TRIED["CLI"]), len(TRIED["Logic"])
     with capsys.disabled():
         print(f"\nbad-input corpus: {cli_count + logic_count} cases (CLI {cli_count}, Logic {logic_count})")
+        if SIGNAL_LATENCIES:
+            print("signal -> exit seconds: " + ", ".join(f"{k} {v}" for k, v in SIGNAL_LATENCIES.items()))
     if cli_count and logic_count:  # the whole file ran, not a -k selection
         assert cli_count + logic_count >= MINIMUM_CASES

@@ -16,6 +16,7 @@ import warnings
 from .errors import translate
 
 log = logging.getLogger(__name__)
+cancelled = False  # the last main() ended by a cancel or signal: `__main__` then exits without teardown
 
 # subcommand -> (module in UNetSegmentLib.commands, one-line help)
 COMMANDS = {
@@ -90,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     """The error boundary of every command: known failure classes (UNetSegmentError, OSError by errno,
     out of memory, SimpleITK errors) print one `error: ... Fix: ...` line and exit 2; Ctrl+C / SIGTERM exit
     130 / 143 after removing temp files; anything else is a bug and keeps its traceback (logged)."""
+    global cancelled
     from . import memory
+    from .errors import Cancelled
     from .publish import Terminated, install_signal_cleanup
+
+    cancelled = False
 
     args = build_parser().parse_args(argv)
     install_signal_cleanup()
@@ -101,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         _check_device(args)
         return int(args.run(args) or 0)
     except Terminated:
+        cancelled = True
         print("error: Stopped by SIGTERM; nothing was written.", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
+        cancelled = True
         print("error: Cancelled by the user (interrupted); nothing was written.", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - sorted into known failures and bugs just below
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                   "report it with the traceback above.", file=sys.stderr)
             log.debug("unexpected error", exc_info=True)
             return 1
+        cancelled = isinstance(known, Cancelled)
         print(f"error: {_one_line(str(known))}", file=sys.stderr)
         return 2
     finally:

@@ -32,12 +32,22 @@ CASE_KINDS = {
         "nan_voxels", "inf_voxels", "constant", "zero_size", "zero_size_nrrd", "empty_file", "image_2d", "volume_4d",
         "multi_component", "anisotropic", "single_slice", "negative_spacing", "zero_spacing", "non_orthogonal",
         "flipped_axes", "truncated_nrrd", "truncated_nifti_gz", "truncated_nifti", "not_an_image",
-        "not_an_image_type", "dicom_mixed_series")},
+        "not_an_image_type", "dicom_mixed_series",
+        # issue 16
+        "dicom_missing_slice", "dicom_duplicated_slice", "dicom_uneven_spacing", "complex_voxels",
+        "huge_header_gzip")},
     **{name: "checkpoint" for name in (
         "ckpt_missing_keys", "ckpt_other_architecture", "ckpt_wrong_label_count", "ckpt_executes_code",
         "ckpt_truncated", "ckpt_bare_state_dict", "ckpt_unknown_architecture", "ckpt_not_a_model",
-        "ckpt_2d_model")},
-    **{name: "dataset" for name in ("train_label_grid_mismatch", "train_unexpected_label_values")},
+        "ckpt_2d_model",
+        # issue 16: schema violations, a non-tensor weight, a network too large to build
+        "ckpt_spatial_dims_4", "ckpt_patch_size_scalar", "ckpt_spacing_strings", "ckpt_non_tensor_weight",
+        "ckpt_metadata_list", "ckpt_labels_without_color", "ckpt_spacing_0_01mm")},
+    **{name: "dataset" for name in ("train_label_grid_mismatch", "train_unexpected_label_values",
+                                    # issue 16
+                                    "train_label_257", "train_rgb_image", "train_dataset_json_list",
+                                    "train_entry_without_label", "train_channel_names_list",
+                                    "train_labels_region_based")},
 }
 
 
@@ -137,6 +147,34 @@ def _mixed_dicom_folder(folder: Path) -> Path:
     return folder
 
 
+def _dicom_series_folder(folder: Path, positions: list) -> Path:
+    """One CT series whose slices lie at `positions` (mm along z): gaps and duplicates on demand."""
+    folder.mkdir()
+    study = "1.2.826.0.1.3680043.8.498.7"
+    series = f"{study}.{abs(hash(folder.name)) % 1000 + 10}"
+    voxels = phantom_array((len(positions), 12, 12))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for index, z in enumerate(positions):
+        image = _dicom_slice(voxels[index], series, index, study)
+        image.SetOrigin((0.0, 0.0, float(z)))
+        image.SetMetaData("0020|0032", f"0\\0\\{float(z)}")
+        writer.SetFileName(str(folder / f"slice_{index:03d}.dcm"))
+        writer.Execute(image)
+    return folder
+
+
+def _huge_gzip_nrrd(path: Path, side: int = 4000) -> Path:
+    """A small gzip NRRD whose header claims side^3 float voxels (a decompression bomb)."""
+    import zlib
+
+    data = zlib.compressobj(9, zlib.DEFLATED, 31).compress(bytes(1 << 20))  # 1 MB of zeros, gzip-wrapped
+    header = (f"NRRD0004\ntype: float\ndimension: 3\nsizes: {side} {side} {side}\nencoding: gzip\n"
+              "endian: little\nspacings: 1 1 1\n\n")
+    path.write_bytes(header.encode("ascii") + data)
+    return path
+
+
 def make_image_cases(folder: Path) -> list[CorpusCase]:
     """Volumes handed to `segment` (and, where a volume exists in memory, to the Slicer Logic)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -220,6 +258,24 @@ def make_image_cases(folder: Path) -> list[CorpusCase]:
         Expect("ImageReadError", ("cannot be read",), "cannot be read as an image; use NRRD, NIfTI, MHA or DICOM"))
     add("dicom_mixed_series", "DICOM folder with two series", _mixed_dicom_folder(folder / "dicom_mixed"),
         Expect("ImageReadError", ("series",), "holds 2 DICOM series; put each series in its own folder"))
+    add("dicom_missing_slice", "DICOM series with one slice missing (z = 0, 2, 6, 8, 10 mm)",
+        _dicom_series_folder(folder / "dicom_missing", [0.0, 2.0, 6.0, 8.0, 10.0]),
+        Expect("ImageReadError", ("missing", "4.00 mm", "--accept-irregular-series"),
+               "has a gap of 4.00 mm between the slices at 2.00 and 6.00 mm ... (a slice is missing); pass "
+               "--accept-irregular-series to segment it anyway"))
+    add("dicom_duplicated_slice", "DICOM series with a slice stored twice",
+        _dicom_series_folder(folder / "dicom_duplicated", [0.0, 2.0, 2.0, 4.0, 6.0]),
+        Expect("ImageReadError", ("duplicated",), "has 1 duplicated slice position(s); re-export the series"))
+    add("dicom_uneven_spacing", "DICOM series with unevenly spaced slices (2, 2, 3, 2 mm)",
+        _dicom_series_folder(folder / "dicom_uneven", [0.0, 2.0, 4.0, 7.0, 9.0]),
+        Expect("ImageReadError", ("unevenly spaced",), "has a gap of 3.00 mm ... (slices are unevenly spaced)"))
+    complex_image = sitk.RealAndImaginaryToComplex(base, base)
+    add("complex_voxels", "complex-valued volume (NIfTI complex64)", _write(complex_image, folder / "complex.nii.gz"),
+        Expect("InputError", ("complex",), "holds complex-valued voxels; save the magnitude image"))
+    add("huge_header_gzip", "1 KB gzip NRRD whose header claims 4000^3 voxels",
+        _huge_gzip_nrrd(folder / "huge_header.nrrd"),
+        Expect("MemoryBudgetError", ("4000x4000x4000", "--memory-limit-mb"),
+               "declares 4000x4000x4000 voxels and would need about 477 GB, more than the budget"))
     return cases
 
 
@@ -312,24 +368,54 @@ def make_checkpoint_cases(folder: Path, valid_checkpoint: Path, marker: Path) ->
         Expect("CheckpointError", ("not a PyTorch checkpoint",), "is not a PyTorch checkpoint; pick another"))
     add("ckpt_2d_model", "3D image given to a 2D model", make_tiny_checkpoint(folder / "model_2d.pt", 2),
         Expect(None, sees="segmented slice by slice; output on the input grid"))
+    metadata = payload["metadata"]
+
+    def with_metadata(name, **changes):
+        return save(name, dict(payload, metadata=dict(metadata, **changes)))
+
+    add("ckpt_spatial_dims_4", "metadata says spatial_dims 4", with_metadata("dims4.pt", spatial_dims=4),
+        Expect("CheckpointError", ("spatial_dims", "2 or 3"), "'spatial_dims' must be 2 or 3, got 4; set it to 2 or 3"))
+    add("ckpt_patch_size_scalar", "patch_size 32 instead of a list", with_metadata("patch32.pt", patch_size=32),
+        Expect("CheckpointError", ("patch_size",), "'patch_size' must be a list of 3 values, got 32"))
+    add("ckpt_spacing_strings", "target_spacing as strings", with_metadata("spacing_text.pt",
+                                                                          target_spacing=["1", "1", "1"]),
+        Expect("CheckpointError", ("target_spacing[0]",), "'target_spacing[0]' must be a finite number, got '1'"))
+    add("ckpt_non_tensor_weight", "a list where a weight tensor belongs",
+        save("non_tensor.pt", dict(payload, state_dict=dict(payload["state_dict"], **{dropped: [1.0, 2.0]}))),
+        Expect("CheckpointError", ("state_dict", "a tensor"), "'state_dict[<key>]' must be a tensor, got a list"))
+    add("ckpt_metadata_list", "metadata stored as a JSON-like list", save("metadata_list.pt", dict(payload,
+                                                                                                 metadata=[1, 2])),
+        Expect("CheckpointError", ("no metadata dictionary",), "has no metadata dictionary (found [1, 2])"))
+    add("ckpt_labels_without_color", "a label entry without its colour",
+        with_metadata("label_no_color.pt", labels=[{k: v for k, v in label.items() if k != "color"}
+                                                    for label in metadata["labels"]]),
+        Expect("CheckpointError", ("labels[0].color",), "'labels[0].color' must be present"))
+    add("ckpt_spacing_0_01mm", "target spacing 0.01 mm (a 1000x larger network grid)",
+        with_metadata("spacing_0_01.pt", target_spacing=[0.01, 0.01, 0.01]),
+        Expect("MemoryBudgetError", ("would need about", "--memory-limit-mb"),
+               "Segmenting this image (network grid 1200x1400x1000 ...) would need about 100 GB; raise the budget"))
     return cases
 
 
 # --- training datasets --------------------------------------------------------------------------------
 
 
-def _dataset(folder: Path, label_for: Callable[[int, sitk.Image], sitk.Image]) -> Path:
+def _dataset(folder: Path, label_for: Callable[[int, sitk.Image], sitk.Image],
+             image_for: Optional[Callable[[int, sitk.Image], sitk.Image]] = None,
+             manifest_change: Optional[Callable[[dict], object]] = None) -> Path:
     """Decathlon-style folder with three small cases; `label_for(case, image)` makes each labelmap."""
     (folder / "imagesTr").mkdir(parents=True)
     (folder / "labelsTr").mkdir()
     training = []
     for case in range(3):
         image = phantom_image((8, 12, 12), seed=case)
-        _write(image, folder / "imagesTr" / f"case{case}_0000.nii.gz")
+        _write(image_for(case, image) if image_for else image, folder / "imagesTr" / f"case{case}_0000.nii.gz")
         _write(label_for(case, image), folder / "labelsTr" / f"case{case}.nii.gz")
         training.append({"image": f"./imagesTr/case{case}_0000.nii.gz", "label": f"./labelsTr/case{case}.nii.gz"})
     manifest = {"name": folder.name, "labels": {"0": "background", "1": "liver"}, "modality": {"0": "MR"},
                 "training": training, "file_ending": ".nii.gz"}
+    if manifest_change is not None:
+        manifest = manifest_change(manifest)
     (folder / "dataset.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return folder
 
@@ -354,7 +440,55 @@ def make_dataset_cases(folder: Path) -> list[CorpusCase]:
     def extra_value(case: int, image: sitk.Image) -> sitk.Image:
         return _label(image, 5 if case == 2 else 1)
 
+    def label_257(case: int, image: sitk.Image) -> sitk.Image:
+        label = sitk.Cast(_label(image), sitk.sitkUInt16)
+        return label * 257 if case == 1 else label  # 257 would wrap to 1 in a uint8 cast
+
+    def rgb(case: int, image: sitk.Image) -> sitk.Image:
+        if case != 2:
+            return image
+        scaled = sitk.Cast(sitk.RescaleIntensity(image, 0, 255), sitk.sitkUInt8)
+        colour = sitk.Compose([scaled] * 3)
+        colour.CopyInformation(image)
+        return colour
+
+    def drop_label(manifest: dict) -> dict:
+        manifest["training"][1].pop("label")
+        return manifest
+
+    def channels_list(manifest: dict) -> dict:
+        manifest.pop("modality")
+        manifest["channel_names"] = ["CT"]
+        return manifest
+
+    def region_labels(manifest: dict) -> dict:
+        manifest["labels"] = {"background": 0, "liver": [1, 2]}
+        return manifest
+
     return [
+        CorpusCase("train_label_257", "dataset", "label value 257 (uint16) where dataset.json names 0 and 1",
+                   _dataset(folder / "label_257", label_257),
+                   Expect("InputError", ("257", "case1"), "label values [257] in case1.nii.gz are not named in "
+                                                          "dataset.json (never wrapped to 1)")),
+        CorpusCase("train_rgb_image", "dataset", "an RGB image among the training images",
+                   _dataset(folder / "rgb_image", lambda case, image: _label(image), rgb),
+                   Expect("InputError", ("3 components", "case2"), "training image case2_0000.nii.gz has 3 components "
+                                                                     "per voxel")),
+        CorpusCase("train_dataset_json_list", "dataset", "dataset.json holding a JSON list",
+                   _dataset(folder / "json_list", lambda case, image: _label(image), manifest_change=lambda m: [m]),
+                   Expect("InputError", ("JSON object",), "dataset.json must hold a JSON object, not a list")),
+        CorpusCase("train_entry_without_label", "dataset", "a training entry without \"label\"",
+                   _dataset(folder / "entry_without_label", lambda case, image: _label(image),
+                            manifest_change=drop_label),
+                   Expect("InputError", ("training[1].label",), "'training[1].label' must be present")),
+        CorpusCase("train_channel_names_list", "dataset", "channel_names as a list instead of an object",
+                   _dataset(folder / "channel_names_list", lambda case, image: _label(image),
+                            manifest_change=channels_list),
+                   Expect("InputError", ("channel_names",), "'channel_names' must be an object ({...}), got ['CT']")),
+        CorpusCase("train_labels_region_based", "dataset", "nnU-Net v2 region-based labels ([1, 2])",
+                   _dataset(folder / "labels_region_based", lambda case, image: _label(image),
+                            manifest_change=region_labels),
+                   Expect("InputError", ("labels.liver", "region"), "'labels.liver' must be a single label value")),
         CorpusCase("train_label_grid_mismatch", "dataset", "training labelmap on another grid than its image",
                    _dataset(folder / "label_grid_mismatch", shifted),
                    Expect("GeometryError", ("labelmap",), "labelmap spacing differs from the image's; resample it")),
