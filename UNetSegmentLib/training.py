@@ -119,6 +119,14 @@ def load_training_cases(config: TrainingConfig, info=None
     for case in training_cases_of(info, config):
         image_path, label_path = case.image_path, case.label_path
         image, label = io.read_image(image_path), io.read_labelmap(label_path)
+        # issue 16: an RGB/4D image or a label outside dataset.json is named before any cast can hide it
+        preprocessing.validate_image(image, what=f"training image {os.path.basename(image_path)}",
+                                     allow_constant=True)
+        stray = sorted(set(np.unique(sitk.GetArrayViewFromImage(label)).tolist()) - set(info.labels))
+        if stray:
+            raise InputError(f"Label values {stray} in {os.path.basename(label_path)} are not named in dataset.json "
+                             f"(its labels are {sorted(info.labels)}).",
+                             "Add them to the 'labels' of dataset.json or fix the labelmaps.")
         # a labelmap off its image's grid would be silently resampled and teach wrong boundaries
         preprocessing.validate_same_grid(image, label, what=f"labelmap {os.path.basename(label_path)}")
         image = preprocessing.reorient_to_canonical(image)
@@ -317,6 +325,10 @@ def _train(config: TrainingConfig, context: distributed.DistributedContext, prog
     deep_supervision = bool(config.deep_supervision and get_architecture(config.architecture).supports_deep_supervision)
     network_kwargs = dict(config.architecture_kwargs)
     network_kwargs["deep_supervision"] = deep_supervision
+    from .memory import check_network  # issue 16: e.g. features=4096 refused before it is allocated
+
+    check_network(lambda: build_network(config.architecture, spatial_dims, 1, len(info.labels), **network_kwargs),
+                  f"Training {config.architecture}", training=True)
     network = build_network(config.architecture, spatial_dims, 1, len(info.labels), **network_kwargs)
     network = distributed.prepare_network(network, device.type) if context.distributed else network
     network = network.to(device)
@@ -427,8 +439,11 @@ def _train(config: TrainingConfig, context: distributed.DistributedContext, prog
     )
     tracker.check_cancel()
     network.to("cpu")
-    if context.is_main:
-        save_checkpoint(config.output, network, metadata, overwrite=config.overwrite)
+    if context.is_main:  # issue 16: a failed write keeps the model, at a fallback path the error names
+        from .publish import write_with_fallback
+
+        write_with_fallback(lambda path: save_checkpoint(path, network, metadata, overwrite=config.overwrite),
+                            config.output)
     distributed.barrier(context)  # the other ranks return once the checkpoint exists
     log.info("wrote %s (validation Dice %s)", config.output, metadata.validation_dice)
     return TrainingResult(config.output, metadata, len(epoch_losses), seconds, lr, epoch_losses, validation_dice)

@@ -57,6 +57,12 @@ def config_from_args(args: argparse.Namespace):
                          'Quote it as a JSON object, e.g. \'{"norm": "batch"}\'.') from None
     if not isinstance(extra, dict):
         raise InputError("--architecture-kwargs must be a JSON object.", 'Use e.g. \'{"norm": "batch"}\'.')
+    if not 0 <= args.seed < 2 ** 32:  # numpy's generators refuse a negative seed deep inside training
+        raise InputError(f"--seed must be an integer in 0..4294967295, got {args.seed}.", "Pass e.g. --seed 0.")
+    for name in ("features", "levels", "batch_size", "epochs", "iterations", "folds"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(args, name)}.",
+                             f"Pass a positive --{name.replace('_', '-')}.")
     architecture_kwargs = {"features": args.features, "levels": args.levels, **extra}
     return TrainingConfig(
         dataset_dir=args.dataset, output=args.output, architecture=args.architecture,
