@@ -92,7 +92,7 @@ def run_cancellable(function, cancel: CancelToken, poll_s: float = 0.1):
     while worker.is_alive():
         worker.join(poll_s)
         if cancel.cancelled and worker.is_alive():
-            worker.join(min(poll_s * 5, 1.0))  # let a cancel check inside the work end it cleanly
+            worker.join(min(poll_s * 2, 0.5))  # let a cancel check inside the work end it cleanly
             cancel.raise_if_cancelled()
     if "error" in outcome:
         raise outcome["error"]
