@@ -16,10 +16,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import preprocessing
+from .applicability import check_input
 from .checkpoint import LoadedModel, resolve_device
 from .ensemble import LoadedEnsemble, load_model
 from .errors import InputError
+from .memory import check_segmentation as check_segmentation_memory
 from .metadata import LabelInfo
+from .postprocessing import normalised_entropy, scores_to_grid  # noqa: F401 - normalised_entropy re-exported
 from .progress import CancelToken, Progress, ProgressCallback
 
 SAMPLERS = ("auto", "sliding_window", "whole", "topk")
@@ -33,6 +36,7 @@ class SegmentationResult:
     uncertainty: Optional[sitk.Image] = None  # float32 entropy / log(labels): 0 certain .. 1 uniform, input grid
     seconds: float = 0.0
     stats: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # e.g. a CT given to an MR model: shown before the result
 
 
 def _choose_sampler(sampler: str, model: LoadedModel) -> str:
@@ -65,9 +69,14 @@ def _as_numpy(value) -> Optional[np.ndarray]:
 
 
 def _infer(model: LoadedModel, array: np.ndarray, sampler: str, overlap: float, k: Optional[int], device,
-           precision: str, mirror_axes: Sequence[int], memory_budget_mb: Optional[float], progress, cancel):
+           precision: str, mirror_axes: Sequence[int], memory_budget_mb: Optional[float], progress, cancel,
+           backend: str = "torch", threads: Optional[int] = None):
     """Class probabilities (C, *spatial) and the engine's stats."""
     import torch
+
+    from .runtime.int8 import model_runtime  # the engines run it; here only which backend/precision/INT8 model
+
+    runtime, precision = model_runtime(model, backend, threads, precision, device)
 
     image = torch.from_numpy(np.ascontiguousarray(array[None], dtype=np.float32))
     if model.metadata.sampler == "topk":  # its network is a TopKSegmenter, whatever the sampler
@@ -75,7 +84,7 @@ def _infer(model: LoadedModel, array: np.ndarray, sampler: str, overlap: float, 
 
         topk_k = k if sampler == "topk" else 10 ** 9  # sliding window on a top-k model: every window
         result = topk_inference(model.network, image, topk_k, progress=progress, cancel=cancel, device=device,
-                                return_probabilities=True)
+                                return_probabilities=True, precision=precision, runtime=runtime)
     else:
         if k is not None:
             raise InputError("--k only applies to the top-k sampler.", "Drop --k or use a top-k model.")
@@ -85,7 +94,7 @@ def _infer(model: LoadedModel, array: np.ndarray, sampler: str, overlap: float, 
             patch_size=tuple(int(p) for p in model.metadata.patch_size), overlap=overlap,
             mode="whole" if sampler == "whole" else "sliding", device=device, precision=precision,
             mirror_axes=tuple(mirror_axes), memory_budget_mb=memory_budget_mb, output="probabilities",
-            return_probabilities=True)
+            return_probabilities=True, runtime=runtime)
         result = sliding_window_inference(model.network, image, options, progress=progress, cancel=cancel)
     probabilities = _as_numpy(result.probabilities)
     if probabilities is None:
@@ -119,14 +128,6 @@ def _infer_slices(model: LoadedModel, array: np.ndarray, infer_kwargs: dict):
     return np.stack(probabilities, axis=1), dict(stats, slices=array.shape[0])
 
 
-def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Voxel-wise entropy / log(C): 0 where one label is certain, 1 where all are equally likely.
-
-    Computed from the final (input-grid) probabilities so every engine gives the same measure.
-    """
-    clipped = np.clip(probabilities, 1e-12, 1.0)
-    entropy = -(clipped * np.log(clipped)).sum(axis=0)
-    return np.clip(entropy / np.log(probabilities.shape[0]), 0.0, 1.0).astype(np.float32)
 
 
 def _on_grid(array: np.ndarray, grid: sitk.Image, is_vector: bool = False) -> sitk.Image:
@@ -143,9 +144,16 @@ def _back_to_input_order(image: sitk.Image, original: sitk.Image) -> sitk.Image:
     return resampled
 
 
+def _check_cancel(cancel: CancelToken | None) -> None:
+    """Between every stage (issue 16): a cancel is honoured within one stage step, not at the end."""
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+
+
 def segment_image(image: sitk.Image, model: Union[LoadedModel, LoadedEnsemble, str, Path], *, sampler: str = "auto",
                   overlap: float = 0.5, k: Optional[int] = None, device="auto", precision: str = "auto",
                   mirror_axes: Sequence[int] = (), memory_budget_mb: Optional[float] = None,
+                  backend: str = "auto", threads: Optional[int] = None,
                   return_probabilities: bool = False, return_uncertainty: bool = False,
                   progress: ProgressCallback | None = None, cancel: CancelToken | None = None
                   ) -> SegmentationResult:
@@ -156,6 +164,10 @@ def segment_image(image: sitk.Image, model: Union[LoadedModel, LoadedEnsemble, s
         raise InputError(f"Overlap must be in [0, 1), got {overlap}.", "Use e.g. 0.5 (default) or 0.25 for speed.")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise InputError(f"k must be a positive integer, got {k!r}.", "Use e.g. --k 8.")
+    from .runtime import check_backend, check_threads  # issue 13: auto | torch | openvino; threads >= 1
+
+    check_backend(backend)
+    check_threads(threads)
     target_device = resolve_device(device)
     if not isinstance(model, (LoadedModel, LoadedEnsemble)):
         model = load_model(model, device=target_device)
@@ -167,11 +179,30 @@ def segment_image(image: sitk.Image, model: Union[LoadedModel, LoadedEnsemble, s
                          "Use a single-channel model.")
     if cancel is not None:
         cancel.raise_if_cancelled()
+    if metadata.preprocessing is not None:  # issue 14: an imported model replays its own recipe (nnU-Net v2)
+        from .interop.nnunet_inference import predict
+
+        labels, scores, stats = predict(
+            image, members, device=target_device, precision=precision, overlap=float(overlap),
+            mode="whole" if chosen == "whole" else "sliding", mirror=bool(mirror_axes),
+            memory_budget_mb=memory_budget_mb, backend=backend, threads=threads,
+            need_probabilities=return_probabilities or return_uncertainty, progress=progress, cancel=cancel)
+        return SegmentationResult(
+            labelmap=_on_grid(labels, image), labels=list(metadata.labels),
+            probabilities=_on_grid(np.moveaxis(scores, 0, -1), image, True) if return_probabilities else None,
+            uncertainty=_on_grid(normalised_entropy(scores), image) if return_uncertainty else None,
+            seconds=time.perf_counter() - started, stats=dict(stats, model=str(model.path)))
 
     timings = {}
     step = time.perf_counter()
     canonical = preprocessing.reorient_to_canonical(sitk.Cast(image, sitk.sitkFloat32))
+    check_segmentation_memory(canonical.GetSize(), canonical.GetSpacing(), metadata.target_spacing,  # issue 16
+                              metadata.out_channels, int(return_probabilities) + int(return_uncertainty))
+    warnings = check_input(sitk.GetArrayViewFromImage(canonical), metadata.modality,
+                           metadata.training.get("intensity") if isinstance(metadata.training, dict) else None)
+    _check_cancel(cancel)
     resampled = preprocessing.resample_image(canonical, metadata.target_spacing)
+    _check_cancel(cancel)
     raw = sitk.GetArrayFromImage(resampled)
     timings["preprocess_s"] = time.perf_counter() - step
     if cancel is not None:
@@ -186,6 +217,7 @@ def segment_image(image: sitk.Image, model: Union[LoadedModel, LoadedEnsemble, s
             normalized = {key: preprocessing.normalize(raw, member.metadata.normalization)}
         infer_kwargs = dict(sampler=chosen, overlap=float(overlap), k=k, device=target_device,
                             precision=precision, mirror_axes=mirror_axes, memory_budget_mb=memory_budget_mb,
+                            backend=backend, threads=threads,
                             progress=_member_progress(progress, index, len(members)), cancel=cancel)
         if metadata.spatial_dims == 2:
             member_probabilities, engine_stats = _infer_slices(member, normalized[key], infer_kwargs)
@@ -205,17 +237,23 @@ def segment_image(image: sitk.Image, model: Union[LoadedModel, LoadedEnsemble, s
         cancel.raise_if_cancelled()
 
     step = time.perf_counter()
-    on_canonical = preprocessing.resample_scores(probabilities, resampled, canonical)
+    # issue 13: slab by slab onto the input grid (no full-resolution float copy per class)
+    labels_array, vector, entropy = scores_to_grid(probabilities, resampled, canonical, cancel=cancel,
+                                                   probabilities=return_probabilities, uncertainty=return_uncertainty)
     del probabilities
-    labels_array = on_canonical.argmax(axis=0).astype(np.uint8)
+    _check_cancel(cancel)
     labelmap = _back_to_input_order(_on_grid(labels_array, canonical), image)
+    del labels_array
     probability_image = uncertainty_image = None
     if return_uncertainty:
-        uncertainty_image = _back_to_input_order(_on_grid(normalised_entropy(on_canonical), canonical), image)
+        _check_cancel(cancel)
+        uncertainty_image = _back_to_input_order(_on_grid(entropy, canonical), image)
+    del entropy
     if return_probabilities:
-        vector = np.moveaxis(on_canonical, 0, -1).astype(np.float32)
+        _check_cancel(cancel)
         probability_image = _back_to_input_order(_on_grid(vector, canonical, is_vector=True), image)
-    del on_canonical
+    del vector
+    _check_cancel(cancel)
     timings["postprocess_s"] = time.perf_counter() - step
 
     seconds = time.perf_counter() - started
@@ -223,8 +261,9 @@ def segment_image(image: sitk.Image, model: Union[LoadedModel, LoadedEnsemble, s
     stats.update(timings, sampler=chosen, device=str(target_device), input_size=list(image.GetSize()),
                  input_spacing=list(image.GetSpacing()), network_grid_size=list(resampled.GetSize()),
                  target_spacing=list(metadata.target_spacing), model=str(model.path))
+    stats["warnings"] = list(warnings)
     return SegmentationResult(labelmap=labelmap, labels=list(metadata.labels), probabilities=probability_image,
-                              uncertainty=uncertainty_image, seconds=seconds, stats=stats)
+                              uncertainty=uncertainty_image, seconds=seconds, stats=stats, warnings=warnings)
 
 
 def segment_file(input_path, model, **options) -> tuple[sitk.Image, SegmentationResult]:
