@@ -207,7 +207,7 @@ def test_a_failed_conversion_falls_back_to_pytorch_with_one_note(monkeypatch):
     monkeypatch.setattr(openvino_backend, "convert", failing)
     network = tiny("attention_unet", 3, "batch")
     image = volume(3)
-    result = run(network, image, "auto", PATCH[3])
+    result = run(network, image, "openvino", PATCH[3])
     reference = run(network, image, "torch", PATCH[3])
     assert result.stats["backend"] == "torch"
     notes = [note for note in result.stats["fallbacks"] if "OpenVINO" in note]
@@ -234,6 +234,21 @@ def test_without_openvino_every_path_is_pytorch(monkeypatch):
     finally:
         monkeypatch.delitem(sys.modules, "openvino")
         runtime_options.openvino_available.cache_clear()
+
+
+def test_auto_converts_only_runs_big_enough_to_pay_back_or_models_already_converted(monkeypatch):
+    network = tiny("unet", 2, "batch")
+    image = volume(2)  # 12 windows of 16^2: far below AUTO_MIN_VOXELS
+    small = run(network, image, "auto", PATCH[2])
+    assert small.stats["backend"] == "torch" and small.stats["fallbacks"] == []
+    explicit = run(network, image, "openvino", PATCH[2])  # converts and caches
+    assert explicit.stats["backend"] == "openvino"
+    openvino_backend._COMPILED.clear()
+    again = run(network, image, "auto", PATCH[2])  # already converted: auto takes it
+    assert again.stats["backend"] == "openvino" and again.stats["runtime_cache"] == "hit"
+    monkeypatch.setattr(runtime, "AUTO_MIN_VOXELS", 1)  # a big run converts under auto
+    fresh = tiny("residual_unet", 2, "batch")
+    assert run(fresh, image, "auto", PATCH[2]).stats["backend"] == "openvino"
 
 
 def test_auto_uses_openvino_on_cpu_only_and_bad_settings_are_clear_errors():

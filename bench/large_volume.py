@@ -125,8 +125,9 @@ def main(argv=None) -> int:
         volume = work / "ct.nrrd"
         started = time.perf_counter()
         make_volume(volume, size, spacing)
-        print(f"volume {size} at {tuple(round(s, 3) for s in spacing)} mm, int16, {volume.stat().st_size / 2 ** 20:.0f} MB "
-              f"on disk (made in {time.perf_counter() - started:.0f} s); model {Path(args.model).name}; "
+        megabytes = volume.stat().st_size / 2 ** 20
+        print(f"volume {size} at {tuple(round(s, 3) for s in spacing)} mm, int16, {megabytes:.0f} MB on disk"
+              f"  (made in {time.perf_counter() - started:.0f} s); model {Path(args.model).name}; "
               f"{args.threads} threads", flush=True)
         small = work / "small.nrrd"  # convert once, timed: what a first run on a new machine adds
         make_volume(small, (64, 64, 32), (6.4, 6.4, 14.0))

@@ -14,7 +14,9 @@ sw_batch_size 1 (its default), 2 and 4; ours in PyTorch fp32 (equal output); our
 engine choices: mode and precision); ours on OpenVINO fp32; ours on OpenVINO INT8, post-training
 quantized with NNCF on windows of the bench's own volume. Agreement = argmax agreement with MONAI's
 fp32 output. The OpenVINO rows run from the converted model (the warm-up run converts and caches it
-in a temporary folder; the conversion time is printed). Peak memory: tracemalloc does not see PyTorch's allocations, so a thread samples the
+in a temporary folder; the conversion time is printed).
+
+Peak memory: tracemalloc does not see PyTorch's allocations, so a thread samples the
 process's resident set (VmRSS in /proc/self/status) every 5 ms; a row reports the highest RSS seen
 while it ran and the rise above the RSS when it started. Freed memory may stay in the allocator's
 cache, so "rise" understates rows that reuse memory an earlier row left behind.
@@ -117,13 +119,19 @@ def train_briefly(network, image, label, steps: int, patch: int = 64, seed: int 
         loss.backward()
         optimizer.step()
     network.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def calibration_windows(volume, roi, count: int = 16, batch: int = 2):
     """`count` windows of the volume on the sliding grid (spread evenly), in batches, for INT8 calibration."""
     from UNetSegmentLib.inference.gaussian import window_starts
 
+    spatial = tuple(volume.shape[2:])
+    padding = []  # as the engine: symmetric zero padding up to the window where the volume is smaller
+    for size, window in reversed(list(zip(spatial, roi))):
+        extra = max(window - size, 0)
+        padding.extend([extra // 2, extra - extra // 2])
+    volume = torch.nn.functional.pad(volume, padding)
     starts = window_starts(tuple(volume.shape[2:]), roi, 0.5)
     chosen = [starts[int(i)] for i in np.linspace(0, len(starts) - 1, min(count, len(starts)))]
     windows = [volume[0][(slice(None),) + tuple(slice(s, s + r) for s, r in zip(start, roi))].numpy()

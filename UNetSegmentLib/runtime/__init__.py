@@ -16,9 +16,13 @@ from typing import Callable, Optional, Sequence
 from .options import (BACKENDS, DEFAULT_CACHE_MB, PRECISIONS, RuntimeOptions, check_backend, check_threads,
                       openvino_available, openvino_version, physical_cores, suggested_threads)
 
-__all__ = ["BACKENDS", "PRECISIONS", "DEFAULT_CACHE_MB", "RuntimeOptions", "TorchRunner", "check_backend",
-           "check_threads", "openvino_available", "openvino_version", "physical_cores", "suggested_threads",
-           "prepare_runner", "resolve_backend", "torch_threads"]
+# `auto` converts a model only for runs big enough to pay the conversion back (a few seconds on a
+# laptop CPU): about 19 windows of 96^3 through the network, or when the model is already converted.
+AUTO_MIN_VOXELS = 1 << 24
+
+__all__ = ["AUTO_MIN_VOXELS", "BACKENDS", "PRECISIONS", "DEFAULT_CACHE_MB", "RuntimeOptions", "TorchRunner",
+           "check_backend", "check_threads", "openvino_available", "openvino_version", "physical_cores",
+           "suggested_threads", "prepare_runner", "resolve_backend", "torch_threads"]
 
 
 class TorchRunner:
@@ -84,11 +88,13 @@ def _openvino_precision(precision: str, int8_model, input_shape) -> tuple[str, O
 
 def prepare_runner(network, input_shape: Sequence[int], device, autocast_dtype=None, torch_precision: str = "fp32",
                    precision: str = "fp32", options: Optional[RuntimeOptions] = None,
-                   on_convert: Optional[Callable] = None):
+                   on_convert: Optional[Callable] = None, work_voxels: Optional[int] = None):
     """A runner for batches (N, *input_shape) of `network` on `device`.
 
     `autocast_dtype`/`torch_precision`: what the PyTorch path runs with (the engine's plan).
     `precision`: the request (fp32 | bf16 | fp16 | int8 | auto) the OpenVINO path interprets.
+    `work_voxels`: voxels the run will push through the network; with `auto`, a run smaller than
+    AUTO_MIN_VOXELS stays on PyTorch unless the model is already converted (cache or memory).
     Any failure to convert or compile falls back to PyTorch; `runner.notes` says why in one line.
     """
     options = options or RuntimeOptions()
@@ -96,6 +102,16 @@ def prepare_runner(network, input_shape: Sequence[int], device, autocast_dtype=N
     notes = [note] if note else []
     if backend == "openvino":
         ov_precision, precision_note = _openvino_precision(precision, options.int8_model, input_shape)
+        if options.backend == "auto" and work_voxels is not None and work_voxels < AUTO_MIN_VOXELS:
+            try:
+                from .openvino_backend import is_converted
+
+                small_and_new = not is_converted(network, input_shape, ov_precision, options)
+            except Exception:  # noqa: BLE001 - cannot tell: treat as not converted
+                small_and_new = True
+            if small_and_new:
+                return TorchRunner(network, device, autocast_dtype, torch_precision, notes)
+    if backend == "openvino":
         try:
             from .openvino_backend import create_runner
 

@@ -105,6 +105,18 @@ class OpenVINORunner:
         return output if batch.device.type == "cpu" else output.to(batch.device)
 
 
+def is_converted(network: torch.nn.Module, input_shape: Sequence[int], precision: str, options) -> bool:
+    """True when a runner for this network, shape and precision needs no conversion (memo or disk cache)."""
+    shape = tuple(int(s) for s in input_shape)
+    memo = _COMPILED.get(network) or {}
+    if any(key[0] == shape and key[1] == precision and key[3] == _fingerprint(network) for key in memo):
+        return True
+    extra = int8_digest(options.int8_model) if precision == "int8" else ""
+    key = entry_key(weights_hash(network), shape, "openvino", "int8" if precision == "int8" else "fp32",
+                    version(), extra)
+    return ModelCache(options.cache_dir, options.cache_max_mb).lookup(key) is not None
+
+
 def create_runner(network: torch.nn.Module, input_shape: Sequence[int], precision: str, threads: Optional[int],
                   cache_dir, cache_max_mb: float, int8_model: Optional[dict] = None,
                   on_convert=None) -> OpenVINORunner:

@@ -70,10 +70,19 @@ def openvino_version() -> Optional[str]:
     return str(openvino.__version__)
 
 
-@functools.lru_cache(maxsize=None)
 def physical_cores() -> int:
-    """Physical CPU cores (hyper-threads share a core's arithmetic units, so more threads than cores
-    rarely helps convolution); falls back to the logical count."""
+    """Physical CPU cores this process may run on (hyper-threads share a core's arithmetic units, so
+    more threads than cores rarely helps convolution; a CPU affinity mask or container limit caps it)."""
+    cores = _physical_cores()
+    try:
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        pass
+    return max(1, cores)
+
+
+@functools.lru_cache(maxsize=None)
+def _physical_cores() -> int:
     try:
         import psutil
 
