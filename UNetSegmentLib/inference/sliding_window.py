@@ -456,8 +456,9 @@ def _predict(runner, batch, mirror_axes) -> torch.Tensor:
     return prediction.div_(len(combos) + 1)
 
 
-def _runner(network, input_shape, options: InferenceOptions, plan: _Plan, progress):
-    """The runtime's runner for this plan; conversion (a cache miss) is reported as its own stage."""
+def _runner(network, input_shape, options: InferenceOptions, plan: _Plan, progress, calls: int):
+    """The runtime's runner for this plan; conversion (a cache miss) is reported as its own stage.
+    `calls`: inputs of `input_shape` the run will push through the network (windows x mirrored copies)."""
     started = time.perf_counter()
 
     def on_convert(seconds):
@@ -465,8 +466,10 @@ def _runner(network, input_shape, options: InferenceOptions, plan: _Plan, progre
             elapsed = time.perf_counter() - started
             progress(Progress(0 if seconds is None else 1, 1, elapsed, None, "converting to OpenVINO"))
 
+    mirrored = 2 ** len(tuple(options.mirror_axes))
     return prepare_runner(network, input_shape, plan.device, plan.autocast_dtype, plan.precision,
-                          options.precision, options.runtime, on_convert)
+                          options.precision, options.runtime, on_convert,
+                          work_voxels=calls * mirrored * math.prod(input_shape[1:]))
 
 
 def _runner_stats(runner) -> dict:
@@ -502,7 +505,7 @@ def _execute(network, volumes: torch.Tensor, options: InferenceOptions, plan: _P
             tracker = ProgressTracker(len(volumes), progress, cancel)
             multiple = _whole_multiple(network, patch)
             whole_shape = tuple(math.ceil(size / multiple) * multiple for size in spatial)
-            runner = _runner(network, (volumes.shape[1],) + whole_shape, options, plan, progress)
+            runner = _runner(network, (volumes.shape[1],) + whole_shape, options, plan, progress, len(volumes))
             stats.update(_runner_stats(runner), _runtime_notes=list(runner.notes))
             accumulated = []
             for volume in volumes:
@@ -518,7 +521,9 @@ def _execute(network, volumes: torch.Tensor, options: InferenceOptions, plan: _P
             stats.update(patches=len(volumes), windows=1,
                          _weight_sum=torch.ones((1,) + spatial, device=plan.device))
             return accumulated, stats
-        runner = _runner(network, (volumes.shape[1],) + patch, options, plan, progress)
+        padded = tuple(max(s, p) for s, p in zip(spatial, patch))
+        windows = len(window_starts(padded, patch, options.overlap)) * len(volumes)
+        runner = _runner(network, (volumes.shape[1],) + patch, options, plan, progress, windows)
         stats.update(_runner_stats(runner), _runtime_notes=list(runner.notes))
         return _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel,
                       sink)
@@ -535,7 +540,9 @@ def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype,
     starts = window_starts(padded, patch, options.overlap)
     weights = importance_map(patch, options.blend, options.sigma_scale, plan.device)
     constant = options.blend == "constant"
-    weight_sum = torch.zeros((1,) + padded, device=plan.device)
+    # grid "nnunet" sums the weights in the accumulation dtype too (nnUNetPredictor: both in float16)
+    weight_sum = torch.zeros((1,) + padded, device=plan.device,
+                             dtype=accumulate_dtype if options.grid == "nnunet" else torch.float32)
     windows = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in starts]
     for window in windows:
         weight_sum[(slice(None),) + window] += weights
@@ -593,6 +600,8 @@ def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype,
                 target = scores[local]
                 if constant:
                     target.add_(prediction[slot])
+                elif options.grid == "nnunet":  # as nnUNetPredictor: product in float32, then one rounded add
+                    target.add_(prediction[slot] * weights)
                 else:
                     target.addcmul_(prediction[slot], weights)
             tracker.advance(len(chunk))

@@ -75,7 +75,7 @@ class _RunnerModule(torch.nn.Module):
 
 
 def _swap_in_runners(model: TopKSegmenter, target: torch.device, precision: str, runtime: RuntimeOptions,
-                     tracker: ProgressTracker) -> tuple[dict, list, dict]:
+                     tracker: ProgressTracker, k: int) -> tuple[dict, list, dict]:
     """Replace the global network and the backbone by runners; returns (originals, notes, stats)."""
     settings = model.settings
     shapes = {"global_network": (model.in_channels,) + tuple(int(s) for s in settings.coarse_size),
@@ -87,7 +87,9 @@ def _swap_in_runners(model: TopKSegmenter, target: torch.device, precision: str,
         if name == "global_network":  # an INT8 calibration is the backbone's (patch-sized inputs)
             options = RuntimeOptions(runtime.backend, runtime.threads, runtime.cache_dir, runtime.cache_max_mb)
             stage_precision = "fp32" if precision == "int8" else precision
-        runner = prepare_runner(network, shape, target, None, "fp32", stage_precision, options)
+        calls = 1 if name == "global_network" else k
+        runner = prepare_runner(network, shape, target, None, "fp32", stage_precision, options,
+                                work_voxels=calls * math.prod(shape[1:]))
         notes.extend(note for note in runner.notes if note not in notes)
         stats[f"{name}_backend"] = runner.backend
         stats[f"{name}_precision"] = runner.precision
@@ -133,7 +135,8 @@ def topk_inference(model: TopKSegmenter, image, k: Optional[int] = None,
     originals = {}
     try:
         with torch.no_grad(), torch_threads(runtime.threads):
-            originals, notes, runtime_stats = _swap_in_runners(model, target, precision, runtime, tracker)
+            originals, notes, runtime_stats = _swap_in_runners(model, target, precision, runtime, tracker,
+                                                               min(int(k or model.settings.k), 10 ** 6))
             logits, stats = model.predict(padded.to(target), k=k, use_coarse=use_coarse,
                                           patch_batch_size=patch_batch_size, tracker=tracker)
     finally:
