@@ -34,7 +34,7 @@ from ..errors import InputError, OutOfMemoryError
 from ..progress import CancelToken, Progress, ProgressCallback, ProgressTracker
 from ..runtime import RuntimeOptions, prepare_runner, torch_threads
 from .devices import available_memory_bytes, network_device, resolve_device, resolve_precision
-from .gaussian import BLEND_MODES, importance_map, window_starts
+from .gaussian import BLEND_MODES, GRIDS, importance_map, window_starts
 
 MODES = ("sliding", "whole", "auto")
 OUTPUTS = ("labels", "logits", "probabilities")
@@ -67,6 +67,7 @@ class InferenceOptions:
     return_probabilities: bool = False
     return_uncertainty: bool = False   # per-voxel entropy (nats) of the softmax
     runtime: Optional[RuntimeOptions] = None  # backend (torch by default here), threads, model cache, INT8 model
+    grid: str = "monai"                # window starts + Gaussian: "monai", or "nnunet" (as nnUNetPredictor)
 
 
 @dataclass
@@ -147,6 +148,7 @@ def _check_options(options: InferenceOptions) -> None:
             raise InputError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}.", fix)
 
     choice("blend", options.blend, BLEND_MODES, "Use 'gaussian' (default, as nnU-Net) or 'constant'.")
+    choice("grid", options.grid, GRIDS, "Use 'monai' (default) or 'nnunet'.")
     choice("mode", options.mode, MODES, "Use 'sliding', 'whole' or 'auto'.")
     choice("output", options.output, OUTPUTS, "Use 'labels', 'logits' or 'probabilities'.")
     choice("accumulate_dtype", options.accumulate_dtype, tuple(ACCUMULATE_DTYPES),
@@ -213,6 +215,9 @@ def _check_network_fit(network: nn.Module, volume: torch.Tensor, patch_size: Seq
         raise InputError(f"image has {volume.shape[0]} channel(s) but the network expects {in_channels}.",
                          f"Pass an image with {in_channels} channel(s) (channels first), or the matching model.")
     multiple = int(getattr(network, "required_multiple", 1) or 1)
+    multiples = getattr(network, "required_multiples", None)  # per axis (nnU-Net plans with anisotropic strides)
+    if multiples is not None and len(multiples) == len(patch_size) and all(p % m == 0 for p, m in zip(patch_size, multiples)):
+        return
     bad = [p for p in patch_size if p % multiple]
     if bad:
         nearest = tuple(max(multiple, int(p / multiple + 0.5) * multiple) for p in patch_size)  # ties round up
@@ -537,8 +542,8 @@ def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype,
     # Pad symmetrically up to the patch where the volume is smaller (as MONAI), crop back at the end.
     pad_before = [max(p - s, 0) // 2 for s, p in zip(spatial, patch)]
     padded = tuple(max(s, p) for s, p in zip(spatial, patch))
-    starts = window_starts(padded, patch, options.overlap)
-    weights = importance_map(patch, options.blend, options.sigma_scale, plan.device)
+    starts = window_starts(padded, patch, options.overlap, options.grid)
+    weights = importance_map(patch, options.blend, options.sigma_scale, plan.device, options.grid)
     constant = options.blend == "constant"
     # grid "nnunet" sums the weights in the accumulation dtype too (nnUNetPredictor: both in float16)
     weight_sum = torch.zeros((1,) + padded, device=plan.device,

@@ -51,14 +51,23 @@ class ResidualBlock(nn.Module):
     what the residual U-Nets rely on.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1,
-                 norm: str = "instance", act: str = "relu", dropout: float = 0.0):
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride=1,
+                 norm: str = "instance", act: str = "relu", dropout: float = 0.0, kernel_size=3,
+                 bias: bool = True, pool_shortcut: bool = False):
         super().__init__()
-        self.conv1 = ConvNormAct(spatial_dims, in_channels, out_channels, stride=stride, norm=norm, act=act,
-                                 dropout=dropout)
-        self.conv2 = ConvNormAct(spatial_dims, out_channels, out_channels, norm=norm, act="none")
-        if in_channels == out_channels and stride == 1:
+        self.conv1 = ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size=kernel_size, stride=stride,
+                                 norm=norm, act=act, dropout=dropout, bias=bias)
+        self.conv2 = ConvNormAct(spatial_dims, out_channels, out_channels, kernel_size=kernel_size, norm=norm,
+                                 act="none", bias=bias)
+        strided = any(s != 1 for s in stride) if isinstance(stride, (tuple, list)) else stride != 1
+        if in_channels == out_channels and not strided:
             self.shortcut = nn.Identity()
+        elif pool_shortcut:  # ResNet-D (He et al. 2019), as nnU-Net's residual encoders: avg-pool, then 1x1 conv
+            shortcut = [layers.avg_pool(spatial_dims, stride)] if strided else []
+            if in_channels != out_channels:
+                shortcut.append(ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size=1, norm=norm,
+                                            act="none", bias=False))
+            self.shortcut = nn.Sequential(*shortcut)
         else:
             self.shortcut = ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size=1, stride=stride,
                                         norm=norm, act="none")
@@ -162,13 +171,16 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, spatial_dims: int, widths: list[int], make_stage: StageFactory,
-                 upsample: str = "transpose", attention: bool = False, norm: str = "instance"):
+                 upsample: str = "transpose", attention: bool = False, norm: str = "instance",
+                 scales: list | None = None):
+        """`scales[level]`: upsampling factor from level + 1 to level (int or per axis; default 2)."""
         super().__init__()
         self.upsamplers = nn.ModuleList()
         self.stages = nn.ModuleList()
         self.gates = nn.ModuleList()
         for level in reversed(range(len(widths) - 1)):
-            self.upsamplers.append(UpSample(spatial_dims, widths[level + 1], widths[level], upsample))
+            self.upsamplers.append(UpSample(spatial_dims, widths[level + 1], widths[level], upsample,
+                                            scale=scales[level] if scales else 2))
             if attention:
                 self.gates.append(AttentionGate(spatial_dims, widths[level], widths[level + 1],
                                                 max(widths[level] // 2, 1), norm))

@@ -36,14 +36,24 @@ def _dims(spatial_dims: int) -> int:
 
 def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
          stride: int = 1, bias: bool = True) -> nn.Module:
-    """'Same' padded convolution: the output size is the input size divided by `stride`."""
+    """'Same' padded convolution: the output size is the input size divided by `stride`.
+
+    `kernel_size` and `stride` may be per-axis sequences (nnU-Net plans use anisotropic kernels)."""
+    if isinstance(kernel_size, (tuple, list)):
+        kernel_size = tuple(int(k) for k in kernel_size)
+        padding = tuple((k - 1) // 2 for k in kernel_size)
+    else:
+        padding = (kernel_size - 1) // 2
+    if isinstance(stride, (tuple, list)):
+        stride = tuple(int(s) for s in stride)
     return _CONV[_dims(spatial_dims)](in_channels, out_channels, kernel_size, stride=stride,
-                                      padding=(kernel_size - 1) // 2, bias=bias)
+                                      padding=padding, bias=bias)
 
 
 def conv_transpose(spatial_dims: int, in_channels: int, out_channels: int, scale: int = 2,
                    bias: bool = True) -> nn.Module:
-    """Learned upsampling by an exact integer factor (kernel = stride = scale, no overlap)."""
+    """Learned upsampling by an exact integer factor (kernel = stride = scale, no overlap); per-axis allowed."""
+    scale = tuple(int(s) for s in scale) if isinstance(scale, (tuple, list)) else scale
     return _CONV_TRANSPOSE[_dims(spatial_dims)](in_channels, out_channels, scale, stride=scale, bias=bias)
 
 
@@ -87,7 +97,8 @@ def max_pool(spatial_dims: int, scale: int = 2) -> nn.Module:
     return _MAX_POOL[_dims(spatial_dims)](scale, stride=scale)
 
 
-def avg_pool(spatial_dims: int, scale: int = 2) -> nn.Module:
+def avg_pool(spatial_dims: int, scale=2) -> nn.Module:
+    scale = tuple(int(s) for s in scale) if isinstance(scale, (tuple, list)) else scale
     return _AVG_POOL[_dims(spatial_dims)](scale, stride=scale)
 
 
