@@ -45,6 +45,9 @@ class FineTuneConfig:
     budget_s: float = DEFAULT_BUDGET_S  # wall time for the whole run (checks included)
     max_iterations: int = 5000
     lr: float = 3e-4
+    # linear warm-up: a fresh Adam moves every weight by ~lr from the first step, which would shake a
+    # converged parent before the moments know the gradients' scale
+    warmup_iterations: int = 10
     weight_decay: float = 3e-5
     batch_size: Optional[int] = None  # default: the parent's
     holdout_fraction: float = 0.25
@@ -287,6 +290,7 @@ def fine_tune(config: FineTuneConfig, progress: ProgressCallback | None = None,
         "dice_after": {name: round(score, 4) for name, score in after.items()},
         "mean_before": round(mean_before, 4), "mean_after": round(mean_after, 4), "improved": improved,
         "iterations": iterations, "budget_s": config.budget_s, "seconds": seconds, "lr": config.lr,
+        "warmup_iterations": config.warmup_iterations,
         "batch_size": _batch_size(config, metadata), "seed": config.seed, "device": str(device),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -364,6 +368,7 @@ def _tune(parent: Parent, images: Sequence[np.ndarray], labels: Sequence[np.ndar
         if elapsed >= budget_s and iteration > 0:  # at least one step, so the model is a tuned one
             break
         lr = poly_learning_rate(config.lr, iteration, config.max_iterations, elapsed, budget_s or None)
+        lr *= min(1.0, (iteration + 1) / max(1, config.warmup_iterations))
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = train_step(network, network, optimizer, loss_function, sampler, augmenter, patch_size, batch_size,

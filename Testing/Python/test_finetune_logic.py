@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from UNetSegmentLib.user_dataset import DuplicateCaseError
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 DATA = REPOSITORY.parent / "shared" / "data" / "Task04_Hippocampus"
-SHIPPED_MR = REPOSITORY / "Resources" / "Models" / "hippocampus_mr"
+SHIPPED_MR = Path(os.environ.get("UNETSEGMENT_MODELS_DIR") or REPOSITORY / "Resources" / "Models") / "hippocampus_mr"
 # never trained on by any fold of the shipped model (bench/train_hippocampus.py HOLDOUT_CASES)
 HOLDOUT_CASES = ("hippocampus_008", "hippocampus_074", "hippocampus_165", "hippocampus_276", "hippocampus_340")
 NAMES = ("anterior hippocampus", "posterior hippocampus")
