@@ -61,10 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _is_dicom_folder(folder: Path) -> bool:
     import SimpleITK as sitk
 
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # a folder of NIfTI files is no DICOM series: no ITK noise
     try:
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError:
         return False
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def plan_outputs(input_path: Path, output: Path, output_format: str | None) -> list[tuple[Path, Path]]:
