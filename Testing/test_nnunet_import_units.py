@@ -146,3 +146,24 @@ def test_recipe_validation_names_the_field():
                                 ("mirror_axes", [3], "mirror_axes"), ("kind", "other", "kind")):
         with pytest.raises(InputError, match=match):
             nnunet_plans.validate_recipe(dict(good, **{field: value}), fail)
+
+
+def test_checkpoint_loading_allows_numpy_scalars_and_refuses_other_objects(tmp_path):
+    """A trained nnU-Net checkpoint logs numpy scalars (Dice, EMA): allowed; any other class: refused by name."""
+    import argparse
+
+    from UNetSegmentLib.interop.nnunet_import import load_nnunet_checkpoint
+
+    payload = {"network_weights": {"w": torch.ones(2)}, "_best_ema": np.float64(0.61), "current_epoch": 3,
+               "logging": {"mean_fg_dice": [np.float64(0.5), np.float32(0.25)], "epoch": [np.int64(2)]},
+               "init_args": {"device": torch.device("cpu"), "fold": 0}, "inference_allowed_mirroring_axes": (0, 1, 2)}
+    torch.save(payload, tmp_path / "ok.pth")
+    loaded = load_nnunet_checkpoint(tmp_path / "ok.pth")
+    assert float(loaded["_best_ema"]) == 0.61 and loaded["logging"]["epoch"] == [2]
+    payload["init_args"]["namespace"] = argparse.Namespace(a=1)
+    torch.save(payload, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="argparse.Namespace.*run code"):
+        load_nnunet_checkpoint(tmp_path / "bad.pth")
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_nnunet_checkpoint(tmp_path / "broken.pth")

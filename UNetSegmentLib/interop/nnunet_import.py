@@ -58,11 +58,15 @@ def _allowed_globals() -> list:
     """The plain (data-only) types nnU-Net checkpoints hold besides tensors and containers."""
     import numpy as np
 
-    scalar = np._core.multiarray.scalar
-    allowed: list = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1 (Slicer may ship either)
+    scalar = core.multiarray.scalar
+    allowed: list = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+                     np.dtype]
+    dtypes = getattr(np, "dtypes", None)
     for name in ("Float16DType", "Float32DType", "Float64DType", "Int8DType", "Int16DType", "Int32DType",
                  "Int64DType", "UInt8DType", "UInt16DType", "UInt32DType", "UInt64DType", "BoolDType"):
-        allowed.append(getattr(np.dtypes, name))
+        if hasattr(dtypes, name):
+            allowed.append(getattr(dtypes, name))
     return allowed
 
 
@@ -76,10 +80,13 @@ def load_nnunet_checkpoint(path: Path) -> dict:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f"a pickled {found.group(1)} object" if found else "a pickled object that is not plain data"
-        raise CheckpointError(f"{path} was refused: it holds {what}; loading it would run code from the file.",
-                              "Import only checkpoints written by nnU-Net itself (weights, numbers and plain "
-                              "containers), or re-save the weights alone with torch.save(state_dict).") from None
+        if found or re.search(r"[Uu]nsupported global|REDUCE|BUILD|is blocked", str(error)):
+            what = f"a pickled {found.group(1)} object" if found else "a pickled object that is not plain data"
+            raise CheckpointError(f"{path} was refused: it holds {what}; loading it would run code from the file.",
+                                  "Import only checkpoints written by nnU-Net itself (weights, numbers and plain "
+                                  "containers), or re-save the weights alone with torch.save(state_dict).") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt).",
+                              "Copy the fold's checkpoint again from the machine that trained it.") from None
     except Exception as error:  # noqa: BLE001 - torch raises many types for damaged files
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first}).",

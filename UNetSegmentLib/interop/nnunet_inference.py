@@ -43,14 +43,16 @@ def _logits(network, data: np.ndarray, patch_size: Sequence[int], options_kwargs
                                accumulate_dtype="float16", **options_kwargs)
     if len(patch_size) == data.ndim - 1:
         return sliding_window_inference(network, data, options, progress=progress, cancel=cancel).logits.half()
-    slices = []
+    slices, started = [], time.perf_counter()
     for index in range(data.shape[1]):
         if cancel is not None:
             cancel.raise_if_cancelled()
         result = sliding_window_inference(network, data[:, index], options, cancel=cancel)
         slices.append(result.logits.half())
         if progress is not None:
-            progress(Progress(index + 1, data.shape[1], 0.0, None, "slices"))
+            elapsed = time.perf_counter() - started
+            remaining = elapsed / (index + 1) * (data.shape[1] - index - 1)
+            progress(Progress(index + 1, data.shape[1], elapsed, remaining, "slices"))
     return torch.stack(slices, dim=1)
 
 
