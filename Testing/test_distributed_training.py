@@ -2,8 +2,8 @@
 resume on another number of ranks, and a dying rank that fails the job but leaves the last state intact.
 
 The ranks are real processes started with torchrun's environment (distributed_launch.py); each records
-what it saw (sampler seeds, its first batch, every file it opened for writing in the output folder, its log records) in a JSON
-file that the tests read.
+what it saw (sampler seeds, its first batch, every file it opened for writing in the output folder, its
+log records) in a JSON file that the tests read.
 """
 
 from __future__ import annotations
