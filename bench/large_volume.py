@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="256x256x100 volume (smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="default: the physical cores")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per row (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row, alternating (median)")
     parser.add_argument("--row", choices=("torch", "openvino"), help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -134,12 +134,14 @@ def main(argv=None) -> int:
         warm = child("openvino", small, work / "small_out.nrrd", Path(args.model), args.threads, env)
         print(f"first OpenVINO run (conversion into the cache, tiny volume): {warm['seconds']:.1f} s, cache "
               f"{warm['cache']}", flush=True)
+        runs = {"torch": [], "openvino": []}
+        for _ in range(args.repeats):  # rows alternate, so a busy spell does not hit one row only
+            for row in runs:
+                runs[row].append(child(row, volume, work / f"{row}.nrrd", Path(args.model), args.threads, env))
         rows = {}
-        for row in ("torch", "openvino"):
-            runs = [child(row, volume, work / f"{row}.nrrd", Path(args.model), args.threads, env)
-                    for _ in range(args.repeats)]
-            runs.sort(key=lambda item: item["seconds"])
-            rows[row] = runs[len(runs) // 2]
+        for row, results in runs.items():
+            results.sort(key=lambda item: item["seconds"])
+            rows[row] = results[len(results) // 2]
             result = rows[row]
             print(f"{row:<9} {result['seconds']:7.1f} s  (pre {result['preprocess_s']:.1f}, infer "
                   f"{result['inference_s']:.1f}, post {result['postprocess_s']:.1f})  peak RSS "
@@ -153,7 +155,8 @@ def main(argv=None) -> int:
     faster = "openvino" if openvino_s <= torch_s else "torch"
     print(f"torch_s={torch_s:.2f} openvino_s={openvino_s:.2f} speedup={torch_s / openvino_s:.3f} "
           f"peak_rss_mb={rows[faster]['peak_rss_mb']:.0f} torch_peak_rss_mb={rows['torch']['peak_rss_mb']:.0f} "
-          f"openvino_peak_rss_mb={rows['openvino']['peak_rss_mb']:.0f} agreement={agreement:.5f}")
+          f"openvino_peak_rss_mb={rows['openvino']['peak_rss_mb']:.0f} agreement={agreement:.5f} "
+          f"torch_infer_s={rows['torch']['inference_s']:.2f} openvino_infer_s={rows['openvino']['inference_s']:.2f}")
     return 0
 
 
