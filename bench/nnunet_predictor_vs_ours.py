@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,10 +37,16 @@ sys.path.insert(0, str(ROOT / "Testing"))
 from nnunet_oracle import synthetic_case, write  # noqa: E402
 
 
+CPU_SECONDS: list[float] = []  # user + system CPU of each command (with its worker processes), for busy machines
+
+
 def run(command: list[str], env: dict) -> float:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     if result.returncode != 0:
         raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stdout[-2000:]}\n"
                          f"{result.stderr[-2000:]}")
@@ -88,10 +95,11 @@ def main(argv=None) -> int:
         nnunet_out, ours_out = work / "nnunet_out", work / "ours_out"
         predictor = shutil.which("nnUNetv2_predict_from_modelfolder", path=str(Path(python).parent)) or \
             "nnUNetv2_predict_from_modelfolder"
-        nnunet_times, ours_times = [], []
+        nnunet_times, ours_times, cpu_pairs = [], [], []
         for _ in range(args.repeats):
             shutil.rmtree(nnunet_out, ignore_errors=True)
             shutil.rmtree(ours_out, ignore_errors=True)
+            nnunet_cpu_index = len(CPU_SECONDS)
             nnunet_times.append(run([predictor, "-i", str(inputs), "-o", str(nnunet_out), "-m", str(folder),
                                      "-f", *args.folds, "-device", "cpu"], env))
             command = [python, "-m", "UNetSegmentLib", "segment", str(inputs / "case_0000.nii.gz"), "--model",
@@ -100,6 +108,7 @@ def main(argv=None) -> int:
             if args.threads:
                 command += ["--threads", str(args.threads)]
             ours_times.append(run(command, env))
+            cpu_pairs.append((CPU_SECONDS[nnunet_cpu_index], CPU_SECONDS[-1]))
         theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(nnunet_out / "case.nii.gz")))
         ours = sitk.GetArrayFromImage(sitk.ReadImage(str(ours_out / "case.nii.gz")))
         agreement = float((theirs == ours).mean())
@@ -107,6 +116,7 @@ def main(argv=None) -> int:
         print(f"volume {tuple(args.size)}, training cases {tuple(args.train_shape)}, folds {args.folds}, our backend "
               f"{args.backend}; "
               f"nnU-Net runs {[round(t, 2) for t in nnunet_times]}, ours {[round(t, 2) for t in ours_times]}; "
+              f"CPU s (nnU-Net, ours) {[(round(a, 1), round(b, 1)) for a, b in cpu_pairs]}; "
               f"labels nnU-Net {np.bincount(theirs.ravel()).tolist()} ours {np.bincount(ours.ravel()).tolist()}")
         print(f"nnunet_s={nnunet_s:.2f} ours_s={ours_s:.2f} speedup={nnunet_s / ours_s:.2f} agreement={agreement:.5f}")
     finally:
