@@ -248,8 +248,9 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             listedPaths = [str(entry.path) for entry in self._modelEntries]
             self.followInputModality(node, listedPaths)
-            if not node.modelPath and listedPaths:  # none chosen yet, no shipped default: the first listed
-                node.modelPath = listedPaths[0]
+            if not node.modelPath and listedPaths:  # none chosen yet: the shipped MR model, else the first listed
+                mrDefault = self.logic.shippedDefaultModelPaths()[0]
+                node.modelPath = mrDefault if mrDefault in listedPaths else listedPaths[0]
             if node.modelPath in listedPaths:
                 self._selectItemData(self.ui.modelSelector, node.modelPath)
             else:  # a script chose a file that is not listed: keep it, select nothing
@@ -267,6 +268,11 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         inputId = node.inputVolume.GetID() if node.inputVolume else None
         if inputId is None or inputId == self._modalityInputId:
             return
+        if node.inputVolume.GetImageData() is None:  # voxels not loaded yet: ask again when they arrive
+            event = slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent
+            if not self.hasObserver(node.inputVolume, event, self.onInputImageDataModified):
+                self.addObserver(node.inputVolume, event, self.onInputImageDataModified)
+            return
         self._modalityInputId = inputId
         if node.modelPath and node.modelPath not in self.logic.shippedDefaultModelPaths():
             return  # the user's own choice stays
@@ -277,6 +283,10 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if preferred in listedPaths and preferred != node.modelPath:
             node.modelPath = preferred
+
+    def onInputImageDataModified(self, caller=None, event=None):
+        self.removeObserver(caller, slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent, self.onInputImageDataModified)
+        self.showSettingsFromParameterNode()
 
     @staticmethod
     def _selectItemData(comboBox, data):

@@ -68,6 +68,10 @@ class InferenceOptions:
     return_uncertainty: bool = False   # per-voxel entropy (nats) of the softmax
     runtime: Optional[RuntimeOptions] = None  # backend (torch by default here), threads, model cache, INT8 model
     grid: str = "monai"                # window starts + Gaussian: "monai", or "nnunet" (as nnUNetPredictor)
+    # what fills a window beyond the volume: "minimum" (the volume's own minimum, as UNetSegment's
+    # training sampler pads small cases, so the network sees at inference what it saw in training) or
+    # a number (0.0 as MONAI and nnU-Net pad their normalised inputs)
+    pad_value: object = "minimum"
 
 
 @dataclass
@@ -153,6 +157,10 @@ def _check_options(options: InferenceOptions) -> None:
     choice("output", options.output, OUTPUTS, "Use 'labels', 'logits' or 'probabilities'.")
     choice("accumulate_dtype", options.accumulate_dtype, tuple(ACCUMULATE_DTYPES),
            "Use 'float32' (exact) or 'float16'/'bfloat16' to halve the accumulation memory.")
+    if options.pad_value != "minimum" and (isinstance(options.pad_value, bool) or not isinstance(
+            options.pad_value, (int, float)) or not math.isfinite(options.pad_value)):
+        raise InputError(f"pad_value must be 'minimum' or a finite number, got {options.pad_value!r}.",
+                         "Use 'minimum' (UNetSegment-trained models) or 0.0 (MONAI / nnU-Net models).")
     if not isinstance(options.overlap, (int, float)) or not 0 <= options.overlap < 1:
         raise InputError(f"overlap must be in [0, 1), got {options.overlap!r}.",
                          "Use 0.5 (nnU-Net default) or 0.25 for speed.")
@@ -518,7 +526,7 @@ def _execute(network, volumes: torch.Tensor, options: InferenceOptions, plan: _P
                 padding = []
                 for size, target in zip(reversed(spatial), reversed(whole_shape)):
                     padding.extend([0, target - size])
-                batch = F.pad(volume.to(plan.device)[None], padding)
+                batch = F.pad(volume.to(plan.device)[None], padding, value=pad_value(volume, options))
                 scores = _predict(runner, batch, mirror_axes)[0]
                 crop = (slice(None),) + tuple(slice(0, s) for s in spatial)
                 accumulated.append(scores[crop].to(accumulate_dtype))
@@ -532,6 +540,13 @@ def _execute(network, volumes: torch.Tensor, options: InferenceOptions, plan: _P
         stats.update(_runner_stats(runner), _runtime_notes=list(runner.notes))
         return _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel,
                       sink)
+
+
+def pad_value(volume: torch.Tensor, options: InferenceOptions) -> float:
+    """The fill for the part of a window outside the volume (see InferenceOptions.pad_value)."""
+    if options.pad_value == "minimum":
+        return float(volume.min())
+    return float(options.pad_value)
 
 
 def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype, stats, progress, cancel,
@@ -564,7 +579,7 @@ def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype,
             padding = []
             for before, s, p in reversed(list(zip(pad_before, spatial, patch))):
                 padding.extend([before, max(p - s, 0) - before])
-            volume = F.pad(volume, padding)
+            volume = F.pad(volume, padding, value=pad_value(volume, options))
         scores = None
         band_start = 0  # first padded plane held in `scores`
 

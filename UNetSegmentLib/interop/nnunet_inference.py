@@ -40,6 +40,7 @@ def _logits(network, data: np.ndarray, patch_size: Sequence[int], options_kwargs
     from ..inference.sliding_window import InferenceOptions, sliding_window_inference
 
     options = InferenceOptions(patch_size=tuple(int(p) for p in patch_size), output="logits", grid="nnunet",
+                               pad_value=0.0,  # nnU-Net pads its normalised input with zeros
                                accumulate_dtype="float16", **options_kwargs)
     if len(patch_size) == data.ndim - 1:
         return sliding_window_inference(network, data, options, progress=progress, cancel=cancel).logits.half()
