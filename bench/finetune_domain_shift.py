@@ -2,11 +2,13 @@
 never saw, five corrected cases of that contrast are added through the user training set, and the model
 is fine-tuned within the time budget (default 10 min on the CPU).
 
-    bash .ci/with-venv python bench/finetune_domain_shift.py [--shift invert|bias] [--budget-s 600]
+    bash .ci/with-venv python bench/finetune_domain_shift.py [--shift bias|invert] [--budget-s 600]
 
 Parent: Resources/Models/hippocampus_mr (its first fold, as the panel tunes it). Shift, applied to the
-cases used here only (never to what the parent trained on): "invert" turns the T1 contrast into its
-negative (max - voxel), "bias" multiplies by a strong smooth bias field (x0.25 .. x4 across the crop).
+cases used here only (never to what the parent trained on): "bias" (default) multiplies by a strong smooth
+bias field (about x0.25 .. x4 across the crop), "invert" turns the T1 contrast into its negative (max - voxel).
+On 5 of fold 0's validation cases the parent scores 0.744 unshifted, 0.250 with the bias field and 0.080
+inverted (mean foreground Dice).
 Tuning cases: the 5 hippocampus cases no fold ever trained on (bench/train_hippocampus.py HOLDOUT_CASES),
 shifted, with their reference labels as the "corrections"; fine_tune keeps one of them aside for its own
 check, as the product does. Scoring cases: --eval-cases of fold 0's validation cases (never trained on
@@ -76,7 +78,7 @@ def mean_dice(model_path: Path, cases, labels: dict, threads) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(MODEL), help="parent model (default: the shipped MRI model)")
-    parser.add_argument("--shift", default="invert", choices=("invert", "bias"))
+    parser.add_argument("--shift", default="bias", choices=("invert", "bias"))
     parser.add_argument("--budget-s", type=float, default=600.0, help="fine-tuning wall-time budget (default 600)")
     parser.add_argument("--max-iterations", type=int, default=5000)
     parser.add_argument("--lr", type=float, default=1e-3,
