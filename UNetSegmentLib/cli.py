@@ -26,6 +26,8 @@ COMMANDS = {
     "evaluate": ("evaluate", "Dice and HD95 per label of predictions vs references, written to a CSV."),
     "demo": ("demo", "Segment the shipped sample with the default model; report Dice and time."),
     "import-nnunet": ("import_nnunet", "Import an nnU-Net v2 results folder (2d / 3d_fullres) as a model or fold ensemble."),
+    "pack-folds": ("pack_folds", "Pack fold checkpoints (a folder or files) into one ensemble file."),
+    "quantize": ("quantize", "INT8-quantize a checkpoint (OpenVINO + NNCF) and store its Dice check in the card."),
     "worker": ("worker", "Run one inference for the Slicer panel, reporting JSON lines on stdout."),
     "finetune": ("finetune", "Fine-tune a model on corrected cases into a new model (parent kept; Dice before/after)."),
 }
