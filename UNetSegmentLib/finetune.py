@@ -365,7 +365,8 @@ def _tune(parent: Parent, images: Sequence[np.ndarray], labels: Sequence[np.ndar
     while iteration < config.max_iterations:
         _check_cancel(cancel)
         elapsed = time.perf_counter() - started
-        if elapsed >= budget_s and iteration > 0:  # at least one step, so the model is a tuned one
+        # at least one step, so the model is a tuned one; then stop before a step that would overrun
+        if iteration > 0 and elapsed + elapsed / iteration > budget_s:
             break
         lr = poly_learning_rate(config.lr, iteration, config.max_iterations, elapsed, budget_s or None)
         lr *= min(1.0, (iteration + 1) / max(1, config.warmup_iterations))
