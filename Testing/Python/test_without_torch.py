@@ -57,6 +57,8 @@ out["installStatus"] = panel.ui.statusLabel.text
 out["installHidden"] = panel.ui.installTorchButton.isHidden()
 out["modelsAfter"] = [panel.ui.modelSelector.itemText(i) for i in range(panel.ui.modelSelector.count)]
 panel.logic.getParameterNode().device = "cpu"
+from UNetSegmentLib.model_store import default_model_path
+panel.logic.getParameterNode().modelPath = str(default_model_path("CT"))  # the phantom sample's own model
 panel.ui.segmentButton.click()
 slicer_adapter.processEventsUntil(lambda: not panel.isRunning, 300)
 out["afterInstallStatus"] = panel.ui.statusLabel.text

@@ -112,7 +112,8 @@ def predict_logits(network: nn.Module, batch, patch_size: Sequence[int], overlap
                    mirror_axes: Sequence[int] = (), precision: str = "fp32", accumulate_dtype: str = "float32",
                    mode: str = "sliding", device: str | torch.device | None = None,
                    memory_budget_mb: float | None = None, progress: ProgressCallback | None = None,
-                   cancel: CancelToken | None = None, runtime: RuntimeOptions | None = None) -> torch.Tensor:
+                   cancel: CancelToken | None = None, runtime: RuntimeOptions | None = None,
+                   pad_value: object = "minimum") -> torch.Tensor:
     """Blended logits (N, out_C, *spatial) float32 for a batch (N, C, *spatial), on the batch's
     device unless `device` says otherwise; the low-level counterpart of MONAI's function."""
     if device is None:
@@ -120,7 +121,8 @@ def predict_logits(network: nn.Module, batch, patch_size: Sequence[int], overlap
     options = InferenceOptions(patch_size=patch_size, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                                batch_size=batch_size, mirror_axes=tuple(mirror_axes), precision=precision,
                                accumulate_dtype=accumulate_dtype, mode=mode, device=device,
-                               memory_budget_mb=memory_budget_mb, output="logits", runtime=runtime)
+                               memory_budget_mb=memory_budget_mb, output="logits", runtime=runtime,
+                               pad_value=pad_value)
     _check_options(options)
     spatial_dims = _spatial_dims(network, patch_size)
     if not isinstance(batch, (torch.Tensor, np.ndarray)) or batch.ndim != spatial_dims + 2:
