@@ -41,7 +41,7 @@ class PythonQtStyle:
 
     def __getattribute__(self, name):
         if name[:1] != "_":
-            metaObject = QtCore.QObject.metaObject(self)
+            metaObject = type(self).staticMetaObject  # static: no per-call wrapper that shiboken may free
             index = metaObject.indexOfProperty(name)
             key = (id(self), name)
             if index >= 0 and key not in _READING:
@@ -60,7 +60,7 @@ class PythonQtStyle:
 
     def __setattr__(self, name, value):
         if name[:1] != "_":
-            metaObject = QtCore.QObject.metaObject(self)
+            metaObject = type(self).staticMetaObject  # static: no per-call wrapper that shiboken may free
             index = metaObject.indexOfProperty(name)
             if index >= 0:
                 if isinstance(value, tuple):  # PythonQt converts any sequence to a QStringList / QVariantList
