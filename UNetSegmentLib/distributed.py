@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -355,19 +354,10 @@ def atomic_torch_save(payload: Any, path: str) -> str:
     """torch.save to a temp file in the same folder, fsync, rename: a crash leaves the previous file intact."""
     import torch
 
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temp_name = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    from .publish import temporary_output  # temp beside the target, fsync, rename; removed on any failure
+
+    with temporary_output(path, overwrite=True) as temp:
+        torch.save(payload, temp)
     return path
 
 

@@ -128,18 +128,10 @@ def write_int8(path, int8_model: dict, card: dict) -> Path:
     training["int8"] = card
     metadata["training"] = training
     payload["metadata"] = metadata
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    from ..publish import temporary_output  # temp beside the target, fsync, rename; removed on any failure
+
+    with temporary_output(path, overwrite=True) as temp:
+        torch.save(payload, temp)
     return path
 
 
