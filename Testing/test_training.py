@@ -72,6 +72,27 @@ def test_cancel_stops_training_and_writes_nothing(dataset, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cpu_budget_clock_ignores_time_the_process_does_not_compute(dataset, tmp_path):
+    """A benchmark on a shared machine budgets CPU seconds: time spent waiting (here a slow progress
+    consumer) stops a wall-clock budget but not a CPU one."""
+    import time
+
+    def slow_consumer(report):
+        if report.stage == "training":
+            time.sleep(0.5)
+
+    runs = {}
+    for clock in ("wall", "cpu"):
+        result = train(tiny_config(dataset, tmp_path / f"{clock}.pt", iterations_per_epoch=4, time_budget_s=1.2,
+                                   budget_clock=clock, lr_schedule="poly"), progress=slow_consumer)
+        runs[clock] = result.metadata.training
+    assert runs["wall"]["iterations"] == 3  # 3 x 0.5 s of waiting crosses 1.2 s
+    assert runs["cpu"]["iterations"] == 4  # the waiting is not CPU time: the whole epoch runs
+    assert runs["cpu"]["budget_clock"] == "cpu" and runs["cpu"]["time_budget_s"] == 1.2
+    with pytest.raises(InputError, match="budget clock"):
+        train(tiny_config(dataset, tmp_path / "bad.pt", time_budget_s=1.0, budget_clock="sundial"))
+
+
 def test_fold_split_is_seeded_and_partitions_the_cases():
     folds = [split_folds(11, 5, fold, seed=3) for fold in range(5)]
     validation = sorted(i for _, held_out in folds for i in held_out)
@@ -103,5 +124,17 @@ def test_train_command(dataset, tmp_path, capsys):
                               "--patch-size", "8", "16", "16", "--epochs", "1", "--iterations", "2",
                               "--folds", "3", "--device", "cpu", "--sampler", "uniform", "--quiet"])
     assert train_command.run(args) == 0
-    assert output.is_file() and "validation Dice" in capsys.readouterr().out
-    assert load_checkpoint(str(output)).metadata.training["sampler"] == "uniform"
+    printed = capsys.readouterr().out
+    assert output.is_file() and "validation Dice" in printed
+    training = load_checkpoint(str(output)).metadata.training
+    assert training["sampler"] == "uniform"
+    # issue 13: INT8 calibrated right after training (OpenVINO + NNCF are pinned dependencies), with its check
+    assert "INT8: mean Dice" in printed
+    assert training["int8"]["validation_cases"] == 1 and training["int8"]["calibration_patches"] > 0
+    assert training["int8"]["ready"] == (training["int8"]["mean_dice_change"] >= -0.005)
+    skipped = tmp_path / "no_int8.pt"
+    args = parser.parse_args([str(dataset), "--output", str(skipped), "--features", "4", "--levels", "3",
+                              "--patch-size", "8", "16", "16", "--epochs", "1", "--iterations", "1",
+                              "--folds", "3", "--device", "cpu", "--quiet", "--int8", "no"])
+    assert train_command.run(args) == 0
+    assert "int8" not in load_checkpoint(str(skipped)).metadata.training

@@ -33,6 +33,29 @@ class LabelInfo:
     terminology: Optional[dict] = None
 
 
+# Slicer GenericAnatomyColors entries for common labels; other labels get a distinct fallback colour.
+ORGAN_COLORS = {
+    "liver": (221, 130, 101), "spleen": (157, 108, 162), "kidney": (185, 102, 83),
+    "left kidney": (185, 102, 83), "right kidney": (185, 102, 83), "pancreas": (249, 180, 111),
+    "stomach": (216, 132, 105), "gallbladder": (139, 150, 98), "aorta": (224, 97, 76),
+    "heart": (206, 110, 84), "lung": (197, 165, 145), "bone": (241, 214, 145), "tumor": (144, 238, 144),
+    "prostate": (230, 158, 140), "hippocampus": (220, 216, 20), "bladder": (222, 154, 132),
+}
+FALLBACK_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79),
+                   (221, 130, 101), (144, 238, 144), (192, 104, 88), (220, 245, 20), (78, 63, 0)]
+
+
+def label_infos(labels: dict[int, str]) -> list[LabelInfo]:
+    """Label cards for a {value: name} map: known organs get Slicer's colour, others a distinct one."""
+    infos = []
+    for value in sorted(labels):
+        name = labels[value]
+        rgb = (0, 0, 0) if value == 0 else ORGAN_COLORS.get(name.lower().replace("_", " "),
+                                                            FALLBACK_COLORS[(value - 1) % len(FALLBACK_COLORS)])
+        infos.append(LabelInfo(value, name, tuple(c / 255 for c in rgb)))
+    return infos
+
+
 @dataclass
 class Normalization:
     """nnU-Net style intensity normalisation replayed at inference.

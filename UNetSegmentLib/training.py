@@ -24,21 +24,13 @@ import numpy as np
 
 from . import distributed
 from .errors import CheckpointError, DeviceError, InputError
-from .metadata import LabelInfo, ModelMetadata, Normalization, canonical_modality
+from .metadata import LabelInfo, ModelMetadata, Normalization, canonical_modality, label_infos  # noqa: F401 (re-export)
 from .progress import CancelToken, ProgressCallback, ProgressTracker
 
 log = logging.getLogger(__name__)
 
-# Slicer GenericAnatomyColors entries for common labels; other labels get a distinct fallback colour.
-ORGAN_COLORS = {
-    "liver": (221, 130, 101), "spleen": (157, 108, 162), "kidney": (185, 102, 83),
-    "left kidney": (185, 102, 83), "right kidney": (185, 102, 83), "pancreas": (249, 180, 111),
-    "stomach": (216, 132, 105), "gallbladder": (139, 150, 98), "aorta": (224, 97, 76),
-    "heart": (206, 110, 84), "lung": (197, 165, 145), "bone": (241, 214, 145), "tumor": (144, 238, 144),
-    "prostate": (230, 158, 140), "hippocampus": (220, 216, 20), "bladder": (222, 154, 132),
-}
-FALLBACK_COLORS = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79),
-                   (221, 130, 101), (144, 238, 144), (192, 104, 88), (220, 245, 20), (78, 63, 0)]
+# time_budget_s is measured on one of these clocks (TrainingConfig.budget_clock)
+BUDGET_CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 # sampler name -> trainer taking (config, progress, cancel); lets e.g. the top-k trainer plug in.
 EXTERNAL_TRAINERS: dict[str, Callable[..., "TrainingResult"]] = {}
@@ -76,6 +68,9 @@ class TrainingConfig:
     # progress being the larger of the iteration share and the time-budget share
     lr_schedule: str = "plateau"
     time_budget_s: Optional[float] = None  # stop training (then validate and save) after this many seconds
+    # the clock the budget is measured on: "wall", or "cpu" (this process's CPU seconds), which keeps
+    # budgets comparable between runs when other work shares the machine (benchmarks)
+    budget_clock: str = "wall"
     threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
     # torchrun / srun (distributed.py): continue from a resume state; write <output>.resume after every
     # epoch (None: only when several ranks run, where a dying rank must not lose the finished epochs)
@@ -190,16 +185,6 @@ def normalize_fold(cases: Sequence[TrainingCase], training: Sequence[int], modal
                            for case in cases]
 
 
-def label_infos(labels: dict[int, str]) -> list[LabelInfo]:
-    infos = []
-    for value in sorted(labels):
-        name = labels[value]
-        rgb = (0, 0, 0) if value == 0 else ORGAN_COLORS.get(name.lower().replace("_", " "),
-                                                            FALLBACK_COLORS[(value - 1) % len(FALLBACK_COLORS)])
-        infos.append(LabelInfo(value, name, tuple(c / 255 for c in rgb)))
-    return infos
-
-
 def resolve_device(name: str):
     import torch
 
@@ -247,6 +232,8 @@ def _validate_config(config: TrainingConfig) -> None:
     if config.time_budget_s is not None and not config.time_budget_s > 0:
         raise InputError(f"The time budget must be positive, got {config.time_budget_s}.",
                          "Pass a number of seconds, e.g. --time-budget 3600.")
+    if config.budget_clock not in BUDGET_CLOCKS:
+        raise InputError(f"Unknown budget clock '{config.budget_clock}'.", f"Use one of: {', '.join(BUDGET_CLOCKS)}.")
     if not config.lr > 0:
         raise InputError(f"Learning rate must be positive, got {config.lr}.", "Use the default 3e-4.")
     if os.path.exists(config.output) and not config.overwrite:
@@ -338,7 +325,8 @@ def _train(config: TrainingConfig, context: distributed.DistributedContext, prog
     lr, best_loss, epochs_without_improvement = config.lr, math.inf, 0
     epoch_losses: list[float] = []
     total_iterations = config.epochs * config.iterations_per_epoch
-    training_started, iteration, out_of_time = time.perf_counter(), 0, False
+    budget_clock = BUDGET_CLOCKS[config.budget_clock]
+    training_started, iteration, out_of_time = budget_clock(), 0, False
     if resumed:  # weights, optimizer, schedule position and spent time of the finished epochs
         counters = distributed.restore_training_state(resumed, network, optimizer)
         lr, best_loss, epochs_without_improvement = counters["lr"], counters["best_loss"], counters["stalled"]
@@ -354,7 +342,7 @@ def _train(config: TrainingConfig, context: distributed.DistributedContext, prog
         running, done = 0.0, 0
         for _ in range(config.iterations_per_epoch):
             tracker.check_cancel()
-            elapsed = time.perf_counter() - training_started
+            elapsed = budget_clock() - training_started
             if config.time_budget_s is not None and context.distributed:  # one clock: same stop, same lr
                 elapsed = distributed.all_reduce([elapsed], context, op="max")[0]
             if config.time_budget_s is not None and elapsed >= config.time_budget_s:
@@ -390,7 +378,7 @@ def _train(config: TrainingConfig, context: distributed.DistributedContext, prog
                 distributed.state_path(config.output), network, optimizer,
                 {"epoch": epoch + 1, "iteration": iteration, "lr": lr, "best_loss": best_loss,
                  "stalled": epochs_without_improvement, "epoch_losses": epoch_losses,
-                 "training_seconds": time.perf_counter() - training_started}, fingerprint, context)
+                 "training_seconds": budget_clock() - training_started}, fingerprint, context)
         if config.lr_schedule == "plateau" and lr < config.min_lr:
             log.info("learning rate below %.0e: stopping", config.min_lr)
             break
@@ -427,6 +415,8 @@ def _train(config: TrainingConfig, context: distributed.DistributedContext, prog
             "sampler": config.sampler, "augment": config.augment, "deep_supervision": deep_supervision,
             "seed": config.seed, "lr": config.lr, "final_lr": lr, "final_loss": epoch_losses[-1],
             "lr_schedule": config.lr_schedule, "iterations": iteration,
+            **({"time_budget_s": config.time_budget_s, "budget_clock": config.budget_clock}
+               if config.time_budget_s is not None else {}),
             "patch_size": list(patch_size), "excluded_cases": sorted(str(c) for c in config.exclude_cases),
             "training_case_ids": [case_ids[i] for i in training],
             "validation_case_ids": [case_ids[i] for i in validation],

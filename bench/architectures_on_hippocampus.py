@@ -5,7 +5,9 @@
 Each architecture trains on fold 0 of the hippocampus MRI set (the shipped model's split and held-out
 cases, bench/train_hippocampus.py) with the shipped recipe (patch 40x56x40, batch 2, Dice + CE, deep
 supervision where the architecture has heads, augmentation, Adam with poly decay), but stops at the
-same wall-clock budget, the learning rate annealing to zero by that budget. One row per architecture:
+same training budget in CPU seconds of the training process (so other work on the machine does not
+shift the comparison; with --threads 1 it equals wall time on an idle core), the learning rate
+annealing to zero by that budget. One row per architecture:
 Dice anterior / posterior on the fold's 39 validation cases, parameters, training seconds, inference
 seconds per case (whole pipeline from the image on disk, --threads CPU threads). The last line is
 machine-readable: `name=anterior/posterior ...` plus the budget.
@@ -48,7 +50,8 @@ def per_case_inference_s(checkpoint: str, cases, device: str = "cpu") -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-s", type=float, default=300.0, help="training wall-clock budget per architecture")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="training budget per architecture, in CPU seconds of the training process")
     parser.add_argument("--architectures", nargs="+", default=[spec.name for spec in list_architectures()])
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--dataset", default=DATASET)
@@ -72,6 +75,7 @@ def main(argv=None) -> int:
         config = config_for(args.fold, output, epochs=1000, iterations=100, budget_s=args.budget_s,
                             dataset=args.dataset, threads=args.threads)
         config.architecture = name
+        config.budget_clock = "cpu"
         result = train(config)
         parameters = sum(p.numel() for p in _network(output).parameters())
         timing_cases = [by_id[i] for i in result.metadata.training["validation_case_ids"][: args.timing_cases]]
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
     for name, anterior, posterior, parameters, seconds, iterations, infer_s in rows:
         print(f"| `{name}` | {anterior:.3f} | {posterior:.3f} | {(anterior + posterior) / 2:.3f} | "
               f"{parameters / 1e6:.2f} M | {seconds:.0f} ({iterations}) | {infer_s:.2f} |")
-    print(f"budget_s={args.budget_s:.0f} threads={torch.get_num_threads()} "
+    print(f"budget_s={args.budget_s:.0f} budget_clock=cpu threads={torch.get_num_threads()} "
           + " ".join(f"{name}={anterior:.4f}/{posterior:.4f}" for name, anterior, posterior, *_ in rows))
     return 0
 

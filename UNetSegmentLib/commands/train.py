@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch log")
+    parser.add_argument("--int8", choices=("auto", "yes", "no"), default="auto",
+                        help="after training, calibrate INT8 (OpenVINO + NNCF) on the training patches and store "
+                             "it with its Dice check, as `quantize` does: auto (default) when both are installed, "
+                             "yes (fail without them), no")
     parser.add_argument("--resume", default=None, metavar="STATE",
                         help="continue from <output>.resume, the state written after every epoch (any number of "
                              "ranks; see docs/distributed.md)")
@@ -105,4 +109,32 @@ def run(args: argparse.Namespace) -> int:
     dice = ", ".join(f"{name} {score:.3f}" for name, score in result.validation_dice.items())
     print(f"wrote {result.checkpoint}: {result.epochs} epochs in {result.seconds:.0f} s"
           + (f"; validation Dice: {dice}" if dice else ""))
+    _quantize_after_training(args, result.checkpoint)
     return 0
+
+
+def _quantize_after_training(args: argparse.Namespace, checkpoint) -> None:
+    """INT8 right after training, while the dataset is at hand (issue 13); never loses the trained model:
+    a failure is a note, except with --int8 yes."""
+    from ..errors import InputError, UNetSegmentError
+    from ..runtime.int8 import int8_tools_available, quantize_checkpoint
+
+    if args.int8 == "no":
+        return
+    if args.sampler == "topk" or not int8_tools_available():
+        if args.int8 == "yes":
+            raise InputError("--int8 yes needs a sliding-window model and the openvino and nncf packages.",
+                             "Install the pinned openvino and nncf, or pass --int8 auto / no.")
+        return
+    log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
+    try:
+        card = quantize_checkpoint(checkpoint, args.dataset, log=log)
+    except UNetSegmentError as error:
+        if args.int8 == "yes":
+            raise
+        print(f"note: INT8 calibration skipped ({error.problem}); the fp32 model is written. "
+              f"Run `python -m UNetSegmentLib quantize {checkpoint} {args.dataset}` to retry.", file=sys.stderr)
+        return
+    verdict = "INT8-ready" if card["ready"] else "not INT8-ready"
+    print(f"INT8: mean Dice {card['mean_dice_fp32']:.4f} fp32 -> {card['mean_dice_int8']:.4f} INT8 on "
+          f"{card['validation_cases']} validation cases: {verdict}")

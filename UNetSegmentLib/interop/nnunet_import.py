@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import CheckpointError, InputError
-from ..metadata import LabelInfo, ModelMetadata, Normalization, canonical_modality
+from ..metadata import LabelInfo, ModelMetadata, Normalization, canonical_modality, label_infos
 from . import nnunet_plans
 
 CHECKPOINT_NAMES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
@@ -185,9 +185,7 @@ def convert_weights(weights: dict, network, encoder: str, source: str) -> dict:
 
 
 def _label_infos(pairs: list[tuple[int, str]]) -> list[LabelInfo]:
-    from ..training import label_infos  # the project's organ colours (Slicer GenericAnatomyColors)
-
-    return label_infos({value: name for value, name in pairs})
+    return label_infos({value: name for value, name in pairs})  # Slicer GenericAnatomyColors where known
 
 
 def _target_spacing_xyz(plans: dict, recipe: dict) -> list[float]:

@@ -177,6 +177,13 @@ def dice_on_cases(network, images, labels, label_names: dict, patch_size, precis
     return {name: total / len(images) for name, total in totals.items()}
 
 
+def int8_tools_available() -> bool:
+    """OpenVINO runs INT8 and NNCF calibrates it: both are needed to quantize."""
+    import importlib.util
+
+    return openvino_available() and importlib.util.find_spec("nncf") is not None
+
+
 def quantize_checkpoint(model_path, dataset_dir, calibration_patches: int = 64, threads: Optional[int] = None,
                         validation_case_ids: Optional[Sequence[str]] = None, log=print, cancel=None) -> dict:
     """Calibrate, check and store INT8 for one checkpoint; returns the card written into it."""
