@@ -78,7 +78,8 @@ def test_two_ranks_write_the_files_one_process_writes(setup, tmp_path):
         assert (tmp_path / "ranks" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
     # each case was segmented exactly once, and rank 0 alone printed the summary
     wrote = [line for line in result.stdout.splitlines() if line.startswith("wrote ")]
-    assert sorted(Path(line.split()[1]).name for line in wrote) == sorted(f"case{i}.nrrd" for i in range(CASES))
+    assert sorted(Path(line.split()[1]).name for line in wrote) == sorted(f"case{i}.nrrd" for i in range(CASES)), \
+        report(result)
     assert result.stdout.count("segmented 5 cases on 2 ranks") == 1
     assert "5 written, 0 failed" in result.stdout
 

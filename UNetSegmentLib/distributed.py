@@ -208,8 +208,19 @@ def _rank_device(device, context: DistributedContext):
 
 
 def _quiet_other_ranks(context: DistributedContext) -> None:
-    """Only rank 0 logs progress: other ranks keep warnings and errors."""
-    if context.distributed and not context.is_main:
+    """Only rank 0 logs progress: other ranks keep warnings and errors. Every rank writes whole lines:
+    the ranks share the launcher's stdout pipe, and a block-buffered stream flushes at arbitrary byte
+    counts, so two ranks' lines could tear into each other (one write per line <= PIPE_BUF is atomic)."""
+    if not context.distributed:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(line_buffering=True)
+            except (ValueError, OSError):  # a replaced or closed stream: leave it as it is
+                pass
+    if not context.is_main:
         logging.getLogger(__package__ or "UNetSegmentLib").setLevel(logging.WARNING)
 
 
