@@ -38,3 +38,13 @@ def pytest_sessionfinish(session, exitstatus):
         print(message, file=sys.stderr)
     if os.environ.get("UNETSEGMENT_ALLOW_NEW_FILES") != "1":
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def nnunet_ct_models(tmp_path_factory):
+    """(root, [3d_fullres folds 0+1, 2d, ResEnc M]) results folders written by nnU-Net itself, built once."""
+    import nnunetv2  # noqa: F401 - part of the test extra: a missing install fails the tests that need it
+    from nnunet_folders import CT_BUILD, build_folders
+
+    root = tmp_path_factory.mktemp("nnunet_ct")
+    return root, build_folders(root, *CT_BUILD)

@@ -118,3 +118,16 @@ def test_ensemble_metadata_is_the_first_fold_card_with_folds(fold_folder):
     model = load_model(fold_folder)
     assert replace(model.metadata, training={}, validation_dice={}) == replace(
         _metadata(0), training={}, validation_dice={})
+
+
+def test_model_lists_read_an_all_folds_file_without_torch(tmp_path, monkeypatch):
+    """The panel and `models` list an all-folds file (pack-folds, import-nnunet) with its card, read from the
+    small record only."""
+    from UNetSegmentLib.model_store import list_models
+
+    folds = [_fold(tmp_path / f"fold_{i}.pt", fold=i) for i in range(2)]
+    packed = save_ensemble(folds, tmp_path / "user" / "packed.pt")
+    monkeypatch.setenv("UNETSEGMENT_USER_MODELS_DIR", str(tmp_path / "user"))
+    entry = next(e for e in list_models() if e.path == packed)
+    assert entry.error is None and entry.metadata.training["ensemble_folds"] == [0, 1]
+    assert read_set_metadata(folds[0]).training["fold"] == 0  # one checkpoint: its own card

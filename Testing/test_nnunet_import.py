@@ -14,8 +14,6 @@ import time.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,38 +30,22 @@ from UNetSegmentLib.pipeline import segment_image
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from nnunet_folders import build_folders, run_oracle  # noqa: E402
 from nnunet_oracle import synthetic_case, write  # noqa: E402
 
 import nnunetv2  # noqa: E402,F401  - the oracle is part of the test extra: a missing install fails here
 
 
-def _oracle(root: Path, *args) -> str:
-    env = dict(os.environ, **{key: str(root / key) for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")},
-               OMP_NUM_THREADS="2")
-    result = subprocess.run([sys.executable, str(HERE / "nnunet_oracle.py"), *args], env=env, capture_output=True,
-                            text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def _build(root: Path, *args) -> list[Path]:
-    output = _oracle(root, "build", str(root), *args)
-    return [Path(line) for line in output.splitlines() if line.startswith(str(root))]
-
-
 @pytest.fixture(scope="module")
-def ct_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nnunet_ct")
-    folders = _build(root, "--dataset-id", "901", "--name", "CT", "--shape", "24", "32", "32", "--spacing", "1", "1",
-                     "1", "--modality", "CT", "--models", "ExperimentPlanner:3d_fullres:0,1",
-                     "ExperimentPlanner:2d:0", "nnUNetPlannerResEncM:3d_fullres:0")
-    return root, folders
+def ct_models(nnunet_ct_models):
+    """Testing/conftest.py builds them once per session (the panel's import test uses them too)."""
+    return nnunet_ct_models
 
 
 @pytest.fixture(scope="module")
 def mr_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("nnunet_mr")
-    folders = _build(root, "--dataset-id", "902", "--name", "MR", "--shape", "32", "32", "10", "--spacing", "3.0",
+    folders = build_folders(root, "--dataset-id", "902", "--name", "MR", "--shape", "32", "32", "10", "--spacing", "3.0",
                      "0.8", "0.8", "--modality", "MRI", "--body-fraction", "0.55", "--models",
                      "ExperimentPlanner:3d_fullres:0")
     return root, folders[0]
@@ -75,7 +57,7 @@ def _predict_both(root: Path, folder: Path, model_file: Path, volumes: dict, fol
     for name, (array, spacing, origin) in volumes.items():
         write(array, spacing, inputs / f"{name}_0000.nii.gz", origin=origin)
     outputs = tmp_path / "nnunet"
-    _oracle(root, "predict", str(folder), str(inputs), str(outputs), "--folds", *folds, "--probabilities",
+    run_oracle(root, "predict", str(folder), str(inputs), str(outputs), "--folds", *folds, "--probabilities",
             "--sequential")
     model = load_model(model_file)
     for name in volumes:
@@ -232,3 +214,40 @@ def _refused_existing(capsys, folder, output):
 
 class ForeignObject:
     """A pickled class: loading it would import and call code, so the importer must refuse it."""
+
+
+def test_results_folder_becomes_a_user_model_through_the_worker_protocol(ct_models, tmp_path, monkeypatch):
+    """What the panel's Import nnU-Net button runs: `import-nnunet FOLDER --json` in a worker process, into
+    the user models folder under <dataset>_<configuration>; a second import is refused, nothing replaced."""
+    from UNetSegmentLib.model_store import add_user_model, list_models
+    from UNetSegmentLib.errors import InputError
+    from UNetSegmentLib.worker import CommandJob
+
+    _, folders = ct_models
+    models = tmp_path / "user models"
+    monkeypatch.setenv("UNETSEGMENT_USER_MODELS_DIR", str(models))
+    job = CommandJob(["import-nnunet", folders[0]], temp_root=tmp_path).start()
+    assert job.wait(timeout=600) and job.error is None, job.error
+    result = job.result
+    expected = models / "Dataset901_CT_3d_fullres.pt"
+    assert Path(result["output"]) == expected and result["name"] == expected.stem
+    assert result["folds"] == ["0", "1"] and result["configuration"] == "3d_fullres"
+    entry = next(e for e in list_models() if e.path == expected)
+    assert entry.error is None and [label.name for label in entry.metadata.labels[1:]] == result["labels"]
+    reference = import_results_folder(folders[0], tmp_path / "direct.pt")
+    volume = sitk.GetImageFromArray(np.random.default_rng(5).normal(0, 50, (20, 30, 28)).astype(np.float32))
+    ours = segment_image(volume, load_model(expected), device="cpu")
+    direct = segment_image(volume, load_model(reference), device="cpu")
+    assert np.array_equal(sitk.GetArrayFromImage(ours.labelmap), sitk.GetArrayFromImage(direct.labelmap))
+    written = expected.read_bytes()
+
+    again = CommandJob(["import-nnunet", folders[0]], temp_root=tmp_path).start()
+    assert again.wait(timeout=600)
+    assert isinstance(again.error, InputError) and "already exists" in str(again.error)
+    assert expected.read_bytes() == written
+    assert not any(p.name.startswith(".") for p in models.iterdir())  # no staging left behind
+
+    entry = add_user_model(folders[1], name="ct_2d")  # the library call takes a results folder too
+    assert entry.path == models / "ct_2d.pt" and entry.metadata.spatial_dims == 2
+    with pytest.raises(InputError, match="not an nnU-Net v2 results folder"):
+        add_user_model(tmp_path)

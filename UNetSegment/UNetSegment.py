@@ -121,6 +121,8 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modalityInputId = None  # the input whose modality last chose the model
         self._fineTuneJob = None  # issue 17: (FineTuneJob, parent model path) while fine-tuning runs
         self._fineTuneTimer = None
+        self._importJob = None  # issue 14: an nnU-Net results folder being imported (worker process)
+        self._importTimer = None
         VTKObservationMixin.__init__(self)
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
@@ -149,6 +151,10 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.samplerSelector.currentIndexChanged.connect(self.onSamplerChanged)
         self.ui.deviceSelector.currentIndexChanged.connect(self.onDeviceChanged)
         self.ui.addModelButton.clicked.connect(self.onAddModel)
+        self.ui.importNnunetButton.clicked.connect(self.onImportNnunet)
+        self._importTimer = qt.QTimer()
+        self._importTimer.setInterval(POLL_INTERVAL_MS)
+        self._importTimer.timeout.connect(self.pollImport)
         self.ui.installTorchButton.clicked.connect(self.offerTorchInstall)
         self.ui.segmentButton.clicked.connect(self.onSegmentButton)
         self.ui.reviewButton.clicked.connect(self.onReview)
@@ -169,6 +175,7 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.cancelJob()
         self.cancelFineTune()
+        self.cancelImport()
         self.exit()
         self.removeObservers()
 
@@ -374,7 +381,10 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addModel(path)
 
     def addModel(self, path):
-        """Validates the checkpoint at once (weights included), so a foreign file is refused before it is listed."""
+        """Validates the checkpoint at once (weights included), so a foreign file is refused before it is listed.
+        A folder is an nnU-Net results folder: imported in a worker process (returns the job)."""
+        if os.path.isdir(str(path)):
+            return self.startImport(path)
         if not isTorchInstalled():
             self.showStatus("Adding a model checks its weights, which needs PyTorch. Fix: click Install PyTorch… "
                             "first.", isError=True)
@@ -388,6 +398,57 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels(selectPath=getattr(entry, "path", None))
         self.showStatus(f"Added model {getattr(entry, 'name', path)}.")
         return entry
+
+    def onImportNnunet(self):
+        folder = qt.QFileDialog.getExistingDirectory(
+            self.parent, "Import nnU-Net v2 results folder (DatasetXXX_Name/<Trainer>__<Plans>__<configuration>)")
+        if folder:
+            self.startImport(folder)
+
+    def startImport(self, folder):
+        """Loading and converting every fold takes seconds to minutes: a worker process does it, the GUI polls."""
+        if self._importJob is not None:
+            self.showStatus("An nnU-Net import is already running; wait for it to finish.", isError=True)
+            return None
+        if not isTorchInstalled():
+            self.showStatus("Importing an nnU-Net model converts its weights, which needs PyTorch. Fix: click "
+                            "Install PyTorch… first.", isError=True)
+            return None
+        try:
+            self._importJob = self.logic.startModelImport(folder)
+        except UNetSegmentError as error:
+            self.showStatus(str(error), isError=True)
+            return None
+        self.ui.importNnunetButton.setEnabled(False)
+        self.showStatus(f"Importing nnU-Net model from {folder}…")
+        self._importTimer.start()
+        return self._importJob
+
+    def pollImport(self):
+        if self._importJob is None or not self._importJob.poll():
+            return None
+        job = self._importJob
+        self._endImport()
+        if job.error is not None:
+            self.showStatus(str(job.error), isError=True)
+            return None
+        result = job.result
+        self.refreshModels(selectPath=result["output"])
+        self.showStatus(f"Imported nnU-Net model '{result['name']}' ({result['configuration']}, folds "
+                        f"{', '.join(result['folds'])}; labels: {', '.join(result['labels'])}).")
+        return result
+
+    def cancelImport(self):
+        if self._importJob is not None:
+            self._importJob.cancel()
+        self._endImport()
+
+    def _endImport(self):
+        self._importJob = None
+        if self._importTimer is not None:
+            self._importTimer.stop()
+        if hasattr(self, "ui"):
+            self.ui.importNnunetButton.setEnabled(True)
 
     # --- PyTorch ----------------------------------------------------------------------------
 
@@ -1066,6 +1127,16 @@ class UNetSegmentLogic(ScriptedLoadableModuleLogic):
         return add_case(datasetFolder, image, labelmap, modelPath, segment_names=names,
                         case_name=volumeNode.GetName(), replace=bool(replace),
                         model_name=os.path.splitext(os.path.basename(os.path.normpath(str(modelPath))))[0])
+
+    def startModelImport(self, folder, python=None):
+        """Imports an nnU-Net v2 results folder into the user models folder in a worker process; poll the job."""
+        from UNetSegmentLib.interop.nnunet_plans import is_results_folder
+        from UNetSegmentLib.worker import CommandJob
+        if not is_results_folder(folder):
+            raise InputError(f"{folder} has no plans.json and dataset.json, so it is not an nnU-Net v2 results "
+                             "folder.", "Pick the folder nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__"
+                             "<configuration> (it holds fold_0/, fold_1/, ...).")
+        return CommandJob(["import-nnunet", str(folder)], python=python).start()
 
     def startFineTuning(self, modelPath, datasetFolder, outputPath=None, budgetS=600.0, device="auto",
                         maxIterations=None, python=None):

@@ -97,12 +97,28 @@ def member_paths(folder: Path) -> list[Path]:
 
 
 def read_set_metadata(path: Union[str, Path]) -> ModelMetadata:
-    """The card of a folder of folds, checked for agreement, without building any network."""
+    """The card of any model path: a folder of folds, an all-folds file or one checkpoint, the folds checked
+    for agreement, without torch and without building any network (the model lists use it)."""
     from .checkpoint import read_checkpoint_metadata
+    from .checkpoint_record import read_record
 
-    files = member_paths(Path(path))
-    metadatas = [read_checkpoint_metadata(p) for p in files]
-    check_agreement(metadatas, [p.name for p in files])
+    path = Path(path)
+    if path.is_dir():
+        files = member_paths(path)
+        metadatas = [read_checkpoint_metadata(p) for p in files]
+        names = [p.name for p in files]
+    else:
+        record = read_record(path)
+        if not (isinstance(record, dict) and record.get("format") == ENSEMBLE_FORMAT):
+            return read_checkpoint_metadata(path)
+        members = record.get("members")
+        if not isinstance(members, list) or not members:
+            raise CheckpointError(f"{path} is an ensemble file without members.", "Re-create it with "
+                                  "`python -m UNetSegmentLib pack-folds FOLD_FOLDER --output FILE`.")
+        names = [member_name(path, index) for index in range(len(members))]
+        metadatas = [ModelMetadata.from_dict(member.get("metadata") if isinstance(member, dict) else None,
+                                             source=name) for member, name in zip(members, names)]
+    check_agreement(metadatas, names)
     return ensemble_metadata(metadatas)
 
 
@@ -123,7 +139,7 @@ def load_model(path: Union[str, Path], device="cpu"):
         raw_members = payload.get("members")
         if not isinstance(raw_members, list) or not raw_members:
             raise CheckpointError(f"{path} is an ensemble file without members.", "Re-create it with "
-                                  "`python -m UNetSegmentLib ensemble FOLD.pt ... --output FILE`.")
+                                  "`python -m UNetSegmentLib pack-folds FOLD_FOLDER --output FILE`.")
         names = [member_name(path, index) for index in range(len(raw_members))]
         metadatas = [ModelMetadata.from_dict(member.get("metadata") if isinstance(member, dict) else None,
                                              source=name) for member, name in zip(raw_members, names)]

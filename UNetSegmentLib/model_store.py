@@ -97,7 +97,6 @@ def sample_reference_path(kind: str = DEFAULT_SAMPLE) -> Path:
 
 
 def _entries(folder: Path, source: str) -> list[ModelEntry]:
-    from .checkpoint import read_checkpoint_metadata
     from .ensemble import read_set_metadata
 
     entries = []
@@ -107,7 +106,7 @@ def _entries(folder: Path, source: str) -> list[ModelEntry]:
         if path.name.startswith("."):
             continue  # temp files of an atomic write in progress
         try:
-            entries.append(ModelEntry(path.stem, path, read_checkpoint_metadata(path), source))
+            entries.append(ModelEntry(path.stem, path, read_set_metadata(path), source))  # checkpoint or all-folds file
         except (CheckpointError, UNetSegmentError, OSError, MemoryError, ValueError, TypeError) as error:
             # issue 16: one unusable file is listed with its reason and never blocks the others
             reason = error if isinstance(error, UNetSegmentError) else translate(error) or error
@@ -141,33 +140,50 @@ def find_model(name_or_path) -> Path:
 
 
 def add_user_model(path, overwrite: bool = False, name: Optional[str] = None) -> ModelEntry:
-    """Validate a checkpoint fully (weights included), then copy it atomically into user_models_dir()."""
+    """Validate a checkpoint fully (weights included), then copy it atomically into user_models_dir().
+
+    An nnU-Net v2 results folder is imported instead (interop.nnunet_import): all its folds become one
+    ordinary model file there, named <dataset>_<configuration> unless `name` is given."""
     from .checkpoint import load_checkpoint
 
     source = Path(path)
+    if source.is_dir():
+        return _import_nnunet_folder(source, overwrite, name)
     loaded = load_checkpoint(source, device="cpu")  # raises CheckpointError with the reason
-    stem = name or source.stem
-    if not stem or any(ch in stem for ch in '/\\:'):
-        raise InputError(f"'{stem}' cannot be used as a model name.", "Use letters, digits, '-' and '_'.")
-    folder = user_models_dir()
-    target = folder / f"{stem}{MODEL_SUFFIX}"
-    if os.path.lexists(target) and not overwrite:
-        raise InputError(f"A user model named '{stem}' already exists ({target}).",
-                         "Pick another name or allow overwriting.")
+    target = _user_model_target(name or source.stem, overwrite)
     from .publish import temporary_output  # issue 16: read-only/full folder -> OutputError, no temp left
 
     with temporary_output(target, overwrite) as temp_name:
         shutil.copyfile(source, temp_name)
-    return ModelEntry(stem, target, loaded.metadata, "user")
+    return ModelEntry(target.stem, target, loaded.metadata, "user")
+
+
+def _user_model_target(stem: str, overwrite: bool) -> Path:
+    if not stem or any(ch in stem for ch in '/\\:') or stem.startswith("."):
+        raise InputError(f"'{stem}' cannot be used as a model name.", "Use letters, digits, '-' and '_'.")
+    target = user_models_dir() / f"{stem}{MODEL_SUFFIX}"
+    if os.path.lexists(target) and not overwrite:
+        raise InputError(f"A user model named '{stem}' already exists ({target}).",
+                         "Pick another name or allow overwriting.")
+    return target
+
+
+def _import_nnunet_folder(folder: Path, overwrite: bool, name: Optional[str]) -> ModelEntry:
+    from .interop.nnunet_plans import default_model_name, is_results_folder
+
+    if not is_results_folder(folder):
+        raise InputError(f"{folder} is a folder without plans.json and dataset.json, so not an nnU-Net v2 "
+                         "results folder.", "Pick a checkpoint file (.pt), or an nnU-Net results folder "
+                         "(nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>).")
+    from .interop.nnunet_import import import_results_folder
+
+    target = import_results_folder(folder, _user_model_target(name or default_model_name(folder), overwrite),
+                                   overwrite=overwrite)
+    return ModelEntry(target.stem, target, read_model_metadata(target), "user")
 
 
 def read_model_metadata(path) -> ModelMetadata:
-    """The card of a checkpoint file or of a folder of fold checkpoints, read without torch."""
-    path = Path(path)
-    if path.is_dir():
-        from .ensemble import read_set_metadata
+    """The card of a checkpoint file, an all-folds file or a folder of fold checkpoints, read without torch."""
+    from .ensemble import read_set_metadata
 
-        return read_set_metadata(path)
-    from .checkpoint import read_checkpoint_metadata
-
-    return read_checkpoint_metadata(path)
+    return read_set_metadata(path)

@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from .errors import Cancelled, UNetSegmentError
 
@@ -145,6 +145,8 @@ class WorkerJob:
     `progress`, `stage`, `notes`, `finished`, `result`, `error`.
     """
 
+    what = "inference worker"  # in the message when the process dies without an error event
+
     def __init__(self, image, model_path, sampler="auto", overlap=0.5, k=None, device="auto", precision="auto",
                  return_uncertainty=False, memory_budget_mb=None, python=None, temp_root=None,
                  env: Optional[dict] = None):
@@ -174,23 +176,31 @@ class WorkerJob:
 
     def start(self) -> "WorkerJob":
         """Writes the input into a new temporary folder and starts the worker; cleans up if that fails."""
+        return self._launch(self._inference_command)
+
+    def _inference_command(self, folder: Path) -> list:
         import SimpleITK as sitk
 
+        input_path = folder / "input.nrrd"
+        sitk.WriteImage(self.image, str(input_path), False)
+        command = worker_command(self.python) + [
+            "--input", str(input_path), "--model", self.model_path, "--output", str(folder / "labels.nrrd"),
+            "--sampler", str(self.options["sampler"]), "--overlap", repr(float(self.options["overlap"])),
+            "--device", str(self.options["device"]), "--precision", str(self.options["precision"])]
+        if self.options["k"]:
+            command += ["--k", str(int(self.options["k"]))]
+        if self.options["memory_budget_mb"]:
+            command += ["--memory-budget-mb", repr(float(self.options["memory_budget_mb"]))]
+        if self.return_uncertainty:
+            command += ["--uncertainty-output", str(folder / "uncertainty.nrrd")]
+        return command
+
+    def _launch(self, build_command: Callable[[Path], list]) -> "WorkerJob":
+        """A new temporary folder (the worker's cwd and protocol files), then the process; cleans up on failure."""
         self._started_at = time.perf_counter()
         self.folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.temp_root))
         try:
-            input_path = self.folder / "input.nrrd"
-            sitk.WriteImage(self.image, str(input_path), False)
-            command = worker_command(self.python) + [
-                "--input", str(input_path), "--model", self.model_path, "--output", str(self.folder / "labels.nrrd"),
-                "--sampler", str(self.options["sampler"]), "--overlap", repr(float(self.options["overlap"])),
-                "--device", str(self.options["device"]), "--precision", str(self.options["precision"])]
-            if self.options["k"]:
-                command += ["--k", str(int(self.options["k"]))]
-            if self.options["memory_budget_mb"]:
-                command += ["--memory-budget-mb", repr(float(self.options["memory_budget_mb"]))]
-            if self.return_uncertainty:
-                command += ["--uncertainty-output", str(self.folder / "uncertainty.nrrd")]
+            command = build_command(self.folder)
             env = dict(os.environ if self.env is None else self.env)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_LIBRARY_PARENT, env.get("PYTHONPATH")) if p)
             env.setdefault("PYTHONUNBUFFERED", "1")
@@ -297,7 +307,7 @@ class WorkerJob:
                 self.error = _error_from_event(error)
             else:
                 self.error = UNetSegmentError(
-                    f"The inference worker stopped unexpectedly ({describe_exit(exit_code)}){self._log_tail()}.",
+                    f"The {self.what} stopped unexpectedly ({describe_exit(exit_code)}){self._log_tail()}.",
                     "This is most often a lack of memory: pick device CPU, set an ROI, or close other "
                     "programs and try again.")
         except UNetSegmentError as error:
@@ -346,6 +356,58 @@ class WorkerJob:
                 self.cancel(grace_s=1.0)
         except Exception:
             pass
+
+
+def run_json_command(failure: str, work: Callable[[Callable], dict], stream=None) -> int:
+    """The worker side of a CommandJob: hello, progress events, then one result or error event.
+
+    `work(progress)` returns the result fields; `failure` starts the problem line of an unexpected crash.
+    Known errors are re-raised after their event so the CLI boundary still sets the exit status."""
+    from .errors import translate
+
+    stream = stream or sys.stdout
+    emit(stream, "hello", protocol=PROTOCOL_VERSION, pid=os.getpid())
+
+    def progress(report) -> None:
+        emit(stream, "progress", done=report.done, total=report.total, elapsed_s=round(report.elapsed_s, 3),
+             remaining_s=None if report.remaining_s is None else round(report.remaining_s, 3),
+             stage=report.stage, loss=getattr(report, "loss", None))
+
+    try:
+        result = work(progress)
+    except Exception as error:  # noqa: BLE001 - reported as a protocol event, then the CLI boundary decides
+        known = translate(error)
+        if known is not None:
+            emit(stream, "error", kind=type(known).__name__, problem=known.problem, fix=known.fix)
+            raise known from None
+        emit(stream, "error", kind="crash", problem=f"{failure}: {type(error).__name__}: {error}",
+             fix="See the worker log and report the problem.")
+        raise
+    emit(stream, "result", **result)
+    return 0
+
+
+class CommandJob(WorkerJob):
+    """A `python -m UNetSegmentLib <command> ... --json` run in a worker process (fine-tuning, importing a
+    model): the same polling, cancel and clean-up as inference; `result` is the command's result event."""
+
+    what = "worker"
+
+    def __init__(self, arguments: Sequence = (), python=None, temp_root=None, env: Optional[dict] = None,
+                 model_path="", device: str = "auto"):
+        super().__init__(None, model_path, device=device, python=python, temp_root=temp_root, env=env)
+        self.arguments = [str(argument) for argument in arguments]
+
+    def command(self) -> list:
+        return worker_command(self.python)[:-1] + self.arguments + ["--json"]
+
+    def start(self) -> "CommandJob":
+        return self._launch(lambda folder: self.command())
+
+    def _load_result(self, event: dict) -> dict:
+        result = {key: value for key, value in event.items() if key != "event"}
+        result["wall_seconds"] = time.perf_counter() - self._started_at
+        return result
 
 
 def describe_exit(exit_code: int) -> str:

@@ -340,3 +340,39 @@ def test_out_of_memory_note_is_reported_in_the_status_line(panel, scene, tiny_ch
     wait_until_idle(panel)
     status = panel.ui.statusLabel.text
     assert status.startswith("Done in") and "Note: simulated" in status, status
+
+
+def test_import_nnunet_results_folder_then_segment_with_it(panel, scene, model_dirs, nnunet_ct_models, tmp_path,
+                                                           monkeypatch):
+    """Import nnU-Net… picks a results folder; a worker process converts it (the event loop keeps running:
+    the panel is polled, not blocked); the new model is listed, selected, and segments a volume."""
+    import qt
+
+    _, folders = nnunet_ct_models
+    _, user = model_dirs
+    not_results = tmp_path / "just a folder"
+    not_results.mkdir()
+    monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(lambda *args: str(not_results)))
+    panel.ui.importNnunetButton.click()
+    assert panel._importJob is None and "not an nnU-Net v2 results folder" in panel.ui.statusLabel.text
+
+    monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(lambda *args: str(folders[0])))
+    panel.ui.importNnunetButton.click()
+    assert panel._importJob is not None and not panel.ui.importNnunetButton.enabled
+    ticks = []
+    assert slicer_adapter.processEventsUntil(lambda: ticks.append(1) or panel._importJob is None, 300)
+    assert len(ticks) > 1  # the GUI loop ran while the worker imported
+    status = panel.ui.statusLabel.text
+    assert "Imported nnU-Net model 'Dataset901_CT_3d_fullres'" in status, status
+    entry = panel.selectedModelEntry()
+    assert entry is not None and entry.path == user / "Dataset901_CT_3d_fullres.pt" and entry.error is None
+    assert panel.ui.importNnunetButton.enabled
+
+    volume = add_phantom_volume(scene)
+    panel.ui.inputVolumeSelector.setCurrentNode(volume)
+    panel.ui.segmentButton.click()
+    wait_until_idle(panel)
+    segmentations = slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
+    assert len(segmentations) == 1, panel.ui.statusLabel.text
+    names = [label.name for label in entry.metadata.labels[1:]]
+    assert set(segment_names(segmentations[0])) <= set(names)

@@ -77,32 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_json(args: argparse.Namespace) -> int:
     """Worker mode: every report is one JSON line; errors are reported as an event too (then exit 2)."""
-    import os
-
-    from ..errors import UNetSegmentError, translate
     from ..finetune import fine_tune
-    from ..progress import Progress
-    from ..worker import PROTOCOL_VERSION, emit
+    from ..worker import run_json_command
 
-    stream = sys.stdout
-    emit(stream, "hello", protocol=PROTOCOL_VERSION, pid=os.getpid())
-
-    def progress(report: Progress) -> None:
-        emit(stream, "progress", done=report.done, total=report.total, elapsed_s=round(report.elapsed_s, 3),
-             remaining_s=None if report.remaining_s is None else round(report.remaining_s, 3),
-             stage=report.stage, loss=getattr(report, "loss", None))
-
-    try:
-        result = fine_tune(config_from_args(args), progress=progress)
-    except Exception as error:  # noqa: BLE001 - reported as a protocol event, then the CLI boundary decides
-        known = translate(error)
-        if known is not None:
-            emit(stream, "error", kind=type(known).__name__, problem=known.problem, fix=known.fix)
-        else:
-            emit(stream, "error", kind="crash", problem=f"Fine-tuning failed: {type(error).__name__}: {error}",
-                 fix="See the worker log and report the problem.")
-        if isinstance(error, UNetSegmentError) or known is not None:
-            raise known from None
-        raise
-    emit(stream, "result", **result.to_dict())
-    return 0
+    return run_json_command("Fine-tuning failed",
+                            lambda progress: fine_tune(config_from_args(args), progress=progress).to_dict())

@@ -11,6 +11,7 @@ the foreground intensity properties, resampling orders, mirroring axes and the t
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import CheckpointError
@@ -30,6 +31,21 @@ TRAINER_PATTERN = re.compile(
 
 def _fail(source: str, problem: str, fix: str) -> None:
     raise CheckpointError(f"{source}: {problem}", fix)
+
+
+def is_results_folder(folder) -> bool:
+    """An nnU-Net v2 results folder (<Trainer>__<Plans>__<configuration>) has its plans and dataset.json."""
+    folder = Path(folder)
+    return (folder / "plans.json").is_file() and (folder / "dataset.json").is_file()
+
+
+def default_model_name(folder) -> str:
+    """`Dataset004_Hippocampus_3d_fullres` for nnUNet_results/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres."""
+    folder = Path(folder).absolute()
+    configuration = folder.name.rsplit("__", 1)[-1]
+    dataset = folder.parent.name if folder.parent.name.lower().startswith("dataset") else ""
+    name = "_".join(part for part in (dataset, configuration) if part) or "nnunet_model"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "nnunet_model"
 
 
 def resolve_configuration(plans: dict, name: str, source: str = "plans.json") -> dict:
