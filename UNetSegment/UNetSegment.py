@@ -275,11 +275,13 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         inputId = node.inputVolume.GetID() if node.inputVolume else None
         if inputId is None or inputId == self._modalityInputId:
             return
-        if node.inputVolume.GetImageData() is None:  # voxels not loaded yet: ask again when they arrive
-            event = slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent
-            if not self.hasObserver(node.inputVolume, event, self.onInputImageDataModified):
-                self.addObserver(node.inputVolume, event, self.onInputImageDataModified)
+        volume, event = node.inputVolume, slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent
+        if not hasVoxels(volume):  # not loaded yet, or being filled: ask again when the voxels arrive
+            if not self.hasObserver(volume, event, self.onInputImageDataModified):
+                self.addObserver(volume, event, self.onInputImageDataModified)
             return
+        if self.hasObserver(volume, event, self.onInputImageDataModified):
+            self.removeObserver(volume, event, self.onInputImageDataModified)
         self._modalityInputId = inputId
         if node.modelPath and node.modelPath not in self.logic.shippedDefaultModelPaths():
             return  # the user's own choice stays
@@ -292,8 +294,7 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.modelPath = preferred
 
     def onInputImageDataModified(self, caller=None, event=None):
-        self.removeObserver(caller, slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent, self.onInputImageDataModified)
-        self.showSettingsFromParameterNode()
+        self.showSettingsFromParameterNode()  # followInputModality stops observing once the voxels are there
 
     @staticmethod
     def _selectItemData(comboBox, data):
@@ -687,6 +688,16 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showFineTuneStatus(f"{result.get('message', '')} New model: {result.get('output')}.",
                                 isError=not result.get("improved"))
         return result
+
+
+def hasVoxels(volumeNode):
+    """Voxels are there, not only an image object: slicer.util.updateVolumeFromArray first sets an empty
+    vtkImageData on the node (ImageDataModifiedEvent fires then) and fills it afterwards."""
+    imageData = volumeNode.GetImageData() if volumeNode is not None else None
+    if imageData is None or imageData.GetNumberOfPoints() == 0:
+        return False
+    pointData = imageData.GetPointData()
+    return pointData is not None and pointData.GetScalars() is not None
 
 
 def describeProgress(progress):

@@ -40,6 +40,7 @@ out = {"models": [panel.ui.modelSelector.itemText(i) for i in range(panel.ui.mod
 from UNetSegmentLib.model_store import sample_image_path
 volume = panel.logic.addVolumeFromImage(sitk.ReadImage(str(sample_image_path("phantom-ct"))), "sample")
 panel.ui.inputVolumeSelector.setCurrentNode(volume)
+out["modelForCt"] = panel.logic.getParameterNode().modelPath  # chosen from the voxels, without torch
 panel.ui.segmentButton.click()
 out["segmentStatus"] = panel.ui.statusLabel.text
 out["runningWithoutTorch"] = panel.isRunning
@@ -57,8 +58,7 @@ out["installStatus"] = panel.ui.statusLabel.text
 out["installHidden"] = panel.ui.installTorchButton.isHidden()
 out["modelsAfter"] = [panel.ui.modelSelector.itemText(i) for i in range(panel.ui.modelSelector.count)]
 panel.logic.getParameterNode().device = "cpu"
-from UNetSegmentLib.model_store import default_model_path
-panel.logic.getParameterNode().modelPath = str(default_model_path("CT"))  # the phantom sample's own model
+out["modelAfterInstall"] = panel.logic.getParameterNode().modelPath
 panel.ui.segmentButton.click()
 slicer_adapter.processEventsUntil(lambda: not panel.isRunning, 300)
 out["afterInstallStatus"] = panel.ui.statusLabel.text
@@ -68,7 +68,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_panel_without_torch_lists_models_offers_install_and_segments_after_it(tmp_path):
-    from UNetSegmentLib.model_store import read_model_metadata, shipped_models_dir
+    from UNetSegmentLib.model_store import default_model_path, read_model_metadata, shipped_models_dir
 
     code = SCRIPT.replace("HERE", repr(str(HERE))).replace("REPOSITORY", repr(str(REPOSITORY)))
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
@@ -85,6 +85,9 @@ def test_panel_without_torch_lists_models_offers_install_and_segments_after_it(t
     assert out["installShown"] and out["parameterNode"]
     assert "PyTorch is not installed" in out["segmentStatus"] and "Fix:" in out["segmentStatus"]
     assert not out["runningWithoutTorch"] and not out["torchImported"]
+    # the CT sample gets the CT model from its voxels (the volume was added empty and filled afterwards,
+    # as slicer.util.updateVolumeFromArray does), and keeps it through the install
+    assert out["modelForCt"] == str(default_model_path("CT")) == out["modelAfterInstall"], out
 
     assert out["installHidden"] and "PyTorch is installed" in out["installStatus"]
     assert out["modelsAfter"] == out["models"]
