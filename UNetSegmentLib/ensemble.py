@@ -111,15 +111,21 @@ def read_set_metadata(path: Union[str, Path]) -> ModelMetadata:
         record = read_record(path)
         if not (isinstance(record, dict) and record.get("format") == ENSEMBLE_FORMAT):
             return read_checkpoint_metadata(path)
-        members = record.get("members")
-        if not isinstance(members, list) or not members:
-            raise CheckpointError(f"{path} is an ensemble file without members.", "Re-create it with "
-                                  "`python -m UNetSegmentLib pack-folds FOLD_FOLDER --output FILE`.")
-        names = [member_name(path, index) for index in range(len(members))]
-        metadatas = [ModelMetadata.from_dict(member.get("metadata") if isinstance(member, dict) else None,
-                                             source=name) for member, name in zip(members, names)]
+        _, names, metadatas = file_members(record, path)
     check_agreement(metadatas, names)
     return ensemble_metadata(metadatas)
+
+
+def file_members(document: dict, path: Path) -> tuple[list, list[str], list[ModelMetadata]]:
+    """(raw members, their names, their cards) of an all-folds file's document."""
+    members = document.get("members")
+    if not isinstance(members, list) or not members:
+        raise CheckpointError(f"{path} is an ensemble file without members.", "Re-create it with "
+                              "`python -m UNetSegmentLib pack-folds FOLD_FOLDER --output FILE`.")
+    names = [member_name(path, index) for index in range(len(members))]
+    metadatas = [ModelMetadata.from_dict(member.get("metadata") if isinstance(member, dict) else None,
+                                         source=name) for member, name in zip(members, names)]
+    return members, names, metadatas
 
 
 def load_model(path: Union[str, Path], device="cpu"):
@@ -136,13 +142,7 @@ def load_model(path: Union[str, Path], device="cpu"):
         payload = load_payload_safely(path)
         if not (isinstance(payload, dict) and payload.get("format") == ENSEMBLE_FORMAT):
             return load_checkpoint(path, device=device, payload=payload)
-        raw_members = payload.get("members")
-        if not isinstance(raw_members, list) or not raw_members:
-            raise CheckpointError(f"{path} is an ensemble file without members.", "Re-create it with "
-                                  "`python -m UNetSegmentLib pack-folds FOLD_FOLDER --output FILE`.")
-        names = [member_name(path, index) for index in range(len(raw_members))]
-        metadatas = [ModelMetadata.from_dict(member.get("metadata") if isinstance(member, dict) else None,
-                                             source=name) for member, name in zip(raw_members, names)]
+        raw_members, names, metadatas = file_members(payload, path)
         check_agreement(metadatas, names)
         members = [load_checkpoint_payload(member, path, device, source=name)
                    for member, name in zip(raw_members, names)]

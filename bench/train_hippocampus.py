@@ -116,6 +116,13 @@ def model_card_markdown(folder: str = MODEL_DIR) -> str:
         lines.append(f"| {metadata.training.get('fold')} | " + " | ".join(f"{v:.4f}" for v in scores)
                      + f" | {sum(scores) / len(scores):.4f} | {metadata.training.get('seconds', 0) / 60:.1f} min | "
                      f"{metadata.training.get('iterations')} |")
+    int8 = [(m.training.get("fold"), m.training["int8"]) for m in folds if isinstance(m.training.get("int8"), dict)]
+    if int8:
+        lines += ["", "INT8 (OpenVINO + NNCF, calibrated on 64 of the fold's training patches; `--backend openvino` "
+                  "runs it when the check passed): mean Dice on the fold's validation cases, fp32 -> INT8:", ""]
+        lines += [f"- fold {fold}: {card['mean_dice_fp32']:.4f} -> {card['mean_dice_int8']:.4f} "
+                  f"({card['mean_dice_change']:+.4f}, {'ready' if card['ready'] else 'not ready'}; "
+                  f"{card['validation_cases']} cases)" for fold, card in int8]
     lines += [
         "", f"Expected inference time: {seconds:.2f} s for the shipped sample (whole pipeline, all folds, "
         f"{os.cpu_count()}-core CPU); a cropped hippocampus volume is ~40^3 voxels.", "",
