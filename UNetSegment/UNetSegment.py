@@ -28,6 +28,8 @@ from slicer.util import VTKObservationMixin
 EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = [("sliding_window", "Sliding window"), ("topk", "Top-k patches"), ("whole", "Whole volume")]
 DEVICES = [("auto", "Auto (GPU if available)"), ("cpu", "CPU"), ("cuda", "GPU (CUDA)")]
+RUNTIMES = [("auto", "Automatic (OpenVINO on CPU when installed)"), ("torch", "PyTorch"),
+            ("openvino", "OpenVINO (CPU; installed on request)")]
 SELF_TEST_DICE_THRESHOLD = 0.80
 SELF_TEST_MODALITY, SELF_TEST_SAMPLE = "MR", "mr"  # the real hippocampus model on a real held-out MRI case
 POLL_INTERVAL_MS = 100
@@ -90,6 +92,9 @@ class UNetSegmentParameterNode:
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
     topK: Annotated[int, WithinRange(0, 10000)] = 0
     device: Annotated[str, Choice([key for key, _ in DEVICES])] = "auto"
+    runtime: Annotated[str, Choice([key for key, _ in RUNTIMES])] = "auto"
+    threads: Annotated[int, WithinRange(0, 1024)] = 0  # 0: every physical core
+    leaveOneCoreFree: bool = False
     replaceExistingSegments: bool = False
     addUncertaintyVolume: bool = False
 
@@ -140,6 +145,8 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.samplerSelector.addItem(text, key)
         for key, text in DEVICES:
             self.ui.deviceSelector.addItem(text, key)
+        for key, text in RUNTIMES:
+            self.ui.runtimeSelector.addItem(text, key)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.timeout.connect(self.pollJob)
@@ -150,6 +157,7 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelSelector.currentIndexChanged.connect(self.onModelChanged)
         self.ui.samplerSelector.currentIndexChanged.connect(self.onSamplerChanged)
         self.ui.deviceSelector.currentIndexChanged.connect(self.onDeviceChanged)
+        self.ui.runtimeSelector.currentIndexChanged.connect(self.onRuntimeChanged)
         self.ui.addModelButton.clicked.connect(self.onAddModel)
         self.ui.importNnunetButton.clicked.connect(self.onImportNnunet)
         self._importTimer = qt.QTimer()
@@ -264,6 +272,7 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.modelSelector.setCurrentIndex(-1)
             self._selectItemData(self.ui.samplerSelector, node.sampler)
             self._selectItemData(self.ui.deviceSelector, node.device)
+            self._selectItemData(self.ui.runtimeSelector, node.runtime)
         finally:
             self._syncingCombos = False
         self.updateModelDetails()
@@ -351,6 +360,10 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDeviceChanged(self, index=None):
         if self._parameterNode and not self._syncingCombos:
             self._parameterNode.device = _value(self.ui.deviceSelector.currentData)
+
+    def onRuntimeChanged(self, index=None):
+        if self._parameterNode and not self._syncingCombos:
+            self._parameterNode.runtime = _value(self.ui.runtimeSelector.currentData)
 
     def updateModelDetails(self):
         entry = self.selectedModelEntry()
@@ -451,6 +464,29 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if hasattr(self, "ui"):
             self.ui.importNnunetButton.setEnabled(True)
 
+    def offerOpenVINOInstall(self):
+        """Never installs silently: the user confirms; a failure or a refusal is a status line with a fix."""
+        from UNetSegmentLib.runtime.options import OPENVINO_REQUIREMENT
+        if not slicer.util.confirmOkCancelDisplay(
+                f"The OpenVINO runtime is not installed. Install {OPENVINO_REQUIREMENT} into Slicer's Python now "
+                "(about 100 MB download)?", "UNetSegment: install OpenVINO"):
+            self.showStatus("OpenVINO was not installed. Fix: pick the Automatic or PyTorch runtime, or confirm "
+                            "the installation.", isError=True)
+            return False
+        try:
+            slicer.util.pip_install(OPENVINO_REQUIREMENT)
+        except Exception as error:  # network or pip failures: say so, keep the panel alive
+            logging.exception("UNetSegment: installing OpenVINO failed")
+            self.showStatus(f"Installing OpenVINO failed ({type(error).__name__}: {error}). Fix: check the network "
+                            "connection, or pick the PyTorch runtime.", isError=True)
+            return False
+        importlib.invalidate_caches()
+        if not self.logic.openVINOInstalled():
+            self.showStatus("OpenVINO is still not importable after the installation. Fix: restart Slicer, or "
+                            "pick the PyTorch runtime.", isError=True)
+            return False
+        return True
+
     # --- PyTorch ----------------------------------------------------------------------------
 
     def offerTorchInstall(self):
@@ -491,10 +527,13 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:
             self.initializeParameterNode()
         node = self._parameterNode
+        if node.runtime == "openvino" and not self.logic.openVINOInstalled() and not self.offerOpenVINOInstall():
+            return
         try:
             self._job = self.logic.startSegmentation(
                 node.inputVolume, node.modelPath, sampler=node.sampler, overlap=node.overlap,
-                topK=node.topK, device=node.device, returnUncertainty=node.addUncertaintyVolume, roiNode=node.roi)
+                topK=node.topK, device=node.device, returnUncertainty=node.addUncertaintyVolume, roiNode=node.roi,
+                backend=node.runtime, threads=self.logic.cpuThreads(node.threads, node.leaveOneCoreFree))
         except UNetSegmentError as error:
             self.showStatus(str(error), isError=True)
             return
@@ -560,8 +599,9 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         warnings = (result.stats or {}).get("warnings") or []
         roi = f" {job.roiSavings()}" if job.roiDescription else ""
         self.showStatus("".join(f"Warning: {warning}\n" for warning in warnings)
-                        + f"Done in {job.wallSeconds:.1f} s: {len(result.labels) - 1} segment(s) in "
-                        f"'{segmentation.GetName()}'.{roi}" + "".join(f"\nNote: {note}" for note in notes),
+                        + f"Done in {job.wallSeconds:.1f} s ({describeRuntime(result.stats)}): "
+                        f"{len(result.labels) - 1} segment(s) in '{segmentation.GetName()}'.{roi}"
+                        + "".join(f"\nNote: {note}" for note in notes),
                         isError=bool(warnings))
 
     def onReview(self):
@@ -698,6 +738,15 @@ def hasVoxels(volumeNode):
         return False
     pointData = imageData.GetPointData()
     return pointData is not None and pointData.GetScalars() is not None
+
+
+def describeRuntime(stats):
+    """E.g. "openvino fp32, 2 threads": what actually ran (auto may pick PyTorch for a small volume)."""
+    stats = stats or {}
+    parts = [f"{stats.get('backend', 'torch')} {stats.get('precision', '')}".strip()]
+    if stats.get("threads"):
+        parts.append(f"{stats['threads']} thread{'s' if stats['threads'] != 1 else ''}")
+    return ", ".join(parts)
 
 
 def describeProgress(progress):
@@ -921,6 +970,19 @@ class UNetSegmentLogic(ScriptedLoadableModuleLogic):
         return modality_of(slicer.util.arrayFromVolume(volumeNode))
 
     @staticmethod
+    def openVINOInstalled():
+        """Asked afresh each time: an on-demand install must count without a restart."""
+        from UNetSegmentLib.runtime.options import openvino_available
+        openvino_available.cache_clear()
+        return openvino_available()
+
+    @staticmethod
+    def cpuThreads(threads=0, leaveOneCoreFree=False):
+        """The worker's thread count: the user's number, else every physical core (or all but one)."""
+        from UNetSegmentLib.runtime.options import suggested_threads
+        return int(threads) if threads else suggested_threads(leave_one_core_free=bool(leaveOneCoreFree))
+
+    @staticmethod
     def shippedDefaultModelPaths():
         from UNetSegmentLib.model_store import DEFAULT_MODEL_NAMES, default_model_path
 
@@ -957,7 +1019,8 @@ class UNetSegmentLogic(ScriptedLoadableModuleLogic):
     # --- running the backend -------------------------------------------------------------------
 
     def startSegmentation(self, inputVolume, modelPath, sampler="sliding_window", overlap=0.5, topK=0,
-                          device="auto", returnUncertainty=False, roiNode=None, python=None):
+                          device="auto", returnUncertainty=False, roiNode=None, python=None, backend="auto",
+                          threads=None):
         """Reads the scene now (main thread), then runs inference in a worker process."""
         from UNetSegmentLib.worker import WorkerJob
         if not modelPath:
@@ -970,7 +1033,8 @@ class UNetSegmentLogic(ScriptedLoadableModuleLogic):
                               cropIndex[2]:cropIndex[2] + cropSize[2]]
         k = (int(topK) or None) if sampler == "topk" else None  # 0: the k stored in the model
         worker = WorkerJob(image, str(modelPath), sampler=sampler, overlap=float(overlap), k=k, device=device,
-                           return_uncertainty=bool(returnUncertainty), python=python)
+                           return_uncertainty=bool(returnUncertainty), python=python, backend=backend,
+                           threads=threads)
         job = SegmentationJob(worker, inputVolume, fullImage, cropIndex, cropSize)
         worker.start()
         return job

@@ -261,6 +261,8 @@ def segment_image(image: sitk.Image, model: Union[LoadedModel, LoadedEnsemble, s
     stats.update(timings, sampler=chosen, device=str(target_device), input_size=list(image.GetSize()),
                  input_spacing=list(image.GetSpacing()), network_grid_size=list(resampled.GetSize()),
                  target_spacing=list(metadata.target_spacing), model=str(model.path))
+    if threads:
+        stats["threads"] = int(threads)
     stats["warnings"] = list(warnings)
     return SegmentationResult(labelmap=labelmap, labels=list(metadata.labels), probabilities=probability_image,
                               uncertainty=uncertainty_image, seconds=seconds, stats=stats, warnings=warnings)

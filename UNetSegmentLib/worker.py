@@ -49,7 +49,8 @@ def emit(stream, event: str, **fields: Any) -> None:
 
 
 def run_worker(input_path, model_path, output_path, uncertainty_path=None, sampler="auto", overlap=0.5,
-               k=None, device="auto", precision="auto", memory_budget_mb=None, stream=None) -> int:
+               k=None, device="auto", precision="auto", memory_budget_mb=None, stream=None, backend="auto",
+               threads=None) -> int:
     """Segment one image file and write the labelmap; reports every step as a protocol line."""
     stream = sys.stdout if stream is None else stream
     emit(stream, "hello", protocol=PROTOCOL_VERSION, pid=os.getpid())
@@ -73,8 +74,8 @@ def run_worker(input_path, model_path, output_path, uncertainty_path=None, sampl
                  stage=report.stage)
 
         result = segment_image(image, model, sampler=sampler, overlap=overlap, k=k, device=target,
-                               precision=precision, memory_budget_mb=memory_budget_mb,
-                               return_uncertainty=uncertainty_path is not None, progress=progress)
+                               precision=precision, memory_budget_mb=memory_budget_mb, backend=backend,
+                               threads=threads, return_uncertainty=uncertainty_path is not None, progress=progress)
         emit(stream, "stage", stage="writing")
         for note in (result.stats or {}).get("fallbacks") or []:
             emit(stream, "note", text=str(note))
@@ -149,11 +150,11 @@ class WorkerJob:
 
     def __init__(self, image, model_path, sampler="auto", overlap=0.5, k=None, device="auto", precision="auto",
                  return_uncertainty=False, memory_budget_mb=None, python=None, temp_root=None,
-                 env: Optional[dict] = None):
+                 env: Optional[dict] = None, backend: str = "auto", threads: Optional[int] = None):
         self.image = image
         self.model_path = str(model_path)
         self.options = dict(sampler=sampler, overlap=overlap, k=k, device=device, precision=precision,
-                            memory_budget_mb=memory_budget_mb)
+                            memory_budget_mb=memory_budget_mb, backend=backend, threads=threads)
         self.return_uncertainty = bool(return_uncertainty)
         self.python = python
         self.temp_root = temp_root
@@ -191,6 +192,10 @@ class WorkerJob:
             command += ["--k", str(int(self.options["k"]))]
         if self.options["memory_budget_mb"]:
             command += ["--memory-budget-mb", repr(float(self.options["memory_budget_mb"]))]
+        if self.options["backend"] != "auto":
+            command += ["--backend", str(self.options["backend"])]
+        if self.options["threads"]:
+            command += ["--threads", str(int(self.options["threads"]))]
         if self.return_uncertainty:
             command += ["--uncertainty-output", str(folder / "uncertainty.nrrd")]
         return command

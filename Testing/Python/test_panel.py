@@ -376,3 +376,63 @@ def test_import_nnunet_results_folder_then_segment_with_it(panel, scene, model_d
     assert len(segmentations) == 1, panel.ui.statusLabel.text
     names = [label.name for label in entry.metadata.labels[1:]]
     assert set(segment_names(segmentations[0])) <= set(names)
+
+
+def test_runtime_and_threads_reach_the_worker_and_openvino_is_installed_only_when_confirmed(
+        panel, scene, tiny_checkpoint, monkeypatch):
+    """Issue 13 in the panel: the runtime and thread settings persist in the parameter node and decide what
+    the worker runs (the status line names it); OpenVINO missing + runtime OpenVINO -> an install offer
+    that does nothing unless the user confirms, then pip-installs the project's pin."""
+    from UNetSegmentLib.runtime import options as runtime_options
+
+    panel.addModel(str(tiny_checkpoint))
+    volume = add_phantom_volume(scene)
+    panel.ui.inputVolumeSelector.setCurrentNode(volume)
+    parameters = panel.logic.getParameterNode()
+    panel.ui.runtimeSelector.setCurrentIndex(panel.ui.runtimeSelector.findData("torch"))
+    panel.ui.threadsSpinBox.value = 1
+    assert (parameters.runtime, parameters.threads) == ("torch", 1)
+    panel.ui.segmentButton.click()
+    wait_until_idle(panel)
+    assert "(torch fp32, 1 thread)" in panel.ui.statusLabel.text, panel.ui.statusLabel.text
+
+    parameters.threads = 0
+    parameters.leaveOneCoreFree = True  # every physical core but one (at least one)
+    assert panel.logic.cpuThreads(parameters.threads, parameters.leaveOneCoreFree) == \
+        max(1, runtime_options.physical_cores() - 1)
+    parameters.runtime = "openvino"
+    assert panel.ui.runtimeSelector.currentData == "openvino"  # the combo follows the parameter node
+
+    # Slicer without OpenVINO: what the panel sees before an install
+    installed = {"now": False}
+    real_available = runtime_options.openvino_available.__wrapped__
+    fake = lambda: installed["now"] and real_available()  # noqa: E731
+    fake.cache_clear = lambda: None
+    monkeypatch.setattr(runtime_options, "openvino_available", fake)
+    asked, pip_calls = [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *args, **kw: asked.append(text) or False)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirement, *a, **kw: pip_calls.append(requirement))
+    panel.ui.segmentButton.click()
+    assert asked and runtime_options.OPENVINO_REQUIREMENT in asked[0] and not pip_calls
+    assert not panel.isRunning and "OpenVINO was not installed" in panel.ui.statusLabel.text
+
+    def install(requirement, *args, **kwargs):
+        pip_calls.append(requirement)
+        installed["now"] = True
+
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *args, **kw: True)
+    monkeypatch.setattr(slicer.util, "pip_install", install)
+    panel.ui.segmentButton.click()
+    assert pip_calls == [runtime_options.OPENVINO_REQUIREMENT]
+    wait_until_idle(panel)
+    threads = max(1, runtime_options.physical_cores() - 1)
+    assert f"(openvino fp32, {threads} thread" in panel.ui.statusLabel.text, panel.ui.statusLabel.text
+
+
+def test_openvino_pin_matches_the_project_environment():
+    from pathlib import Path
+
+    from UNetSegmentLib.runtime.options import OPENVINO_REQUIREMENT
+
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert f'"{OPENVINO_REQUIREMENT}"' in pyproject

@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--memory-budget-mb", type=float, default=None)
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the physical cores)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,4 +25,5 @@ def run(args: argparse.Namespace) -> int:
 
     return run_worker(args.input, args.model, args.output, uncertainty_path=args.uncertainty_output,
                       sampler=args.sampler, overlap=args.overlap, k=args.k, device=args.device,
-                      precision=args.precision, memory_budget_mb=args.memory_budget_mb)
+                      precision=args.precision, memory_budget_mb=args.memory_budget_mb, backend=args.backend,
+                      threads=args.threads)

@@ -17,6 +17,8 @@ from typing import Optional
 from ..errors import InputError
 
 BACKENDS = ("auto", "torch", "openvino")
+# what Slicer installs on demand for the OpenVINO runtime (the project's own pin, pyproject.toml)
+OPENVINO_REQUIREMENT = "openvino==2026.4.1"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DEFAULT_CACHE_MB = 2048.0
 
