@@ -132,6 +132,16 @@ def test_train_command(dataset, tmp_path, capsys):
     assert "INT8: mean Dice" in printed
     assert training["int8"]["validation_cases"] == 1 and training["int8"]["calibration_patches"] > 0
     assert training["int8"]["ready"] == (training["int8"]["mean_dice_change"] >= -0.005)
+    # the calibrated file is still an ordinary model: its card reads without torch, INT8 runs from it
+    from UNetSegmentLib.checkpoint import read_checkpoint_metadata
+    from UNetSegmentLib.pipeline import segment_image
+    from UNetSegmentLib.runtime.int8 import read_int8_model
+
+    assert read_checkpoint_metadata(output).training["int8"] == training["int8"]
+    assert isinstance(read_int8_model(output)["xml"], bytes)
+    image, _ = phantom.make_case(seed=3, spacing=(5.0, 5.0, 6.0)).to_sitk()
+    result = segment_image(image, load_checkpoint(str(output)), device="cpu", backend="openvino", precision="int8")
+    assert (result.stats["backend"], result.stats["precision"]) == ("openvino", "int8")
     skipped = tmp_path / "no_int8.pt"
     args = parser.parse_args([str(dataset), "--output", str(skipped), "--features", "4", "--levels", "3",
                               "--patch-size", "8", "16", "16", "--epochs", "1", "--iterations", "1",

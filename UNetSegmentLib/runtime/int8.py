@@ -23,6 +23,7 @@ from ..errors import InputError
 from .options import RuntimeOptions, check_backend, check_threads, openvino_available
 
 INT8_KEY = "openvino_int8"
+IR_PARTS = ("xml", "bin")  # the OpenVINO IR files of the calibrated model
 DICE_TOLERANCE = 0.005
 
 
@@ -55,8 +56,15 @@ def _read_int8_model(path: str, _mtime_ns: int, _size: int) -> Optional[dict]:
     except Exception:  # noqa: BLE001 - the checkpoint loader reports damaged files; here it only means none
         return None
     entry = payload.get(INT8_KEY) if isinstance(payload, dict) else None
-    if not isinstance(entry, dict) or not all(isinstance(entry.get(key), bytes) for key in ("xml", "bin")):
+    if not isinstance(entry, dict):
         return None
+    entry = dict(entry)
+    for key in IR_PARTS:  # stored as uint8 tensors (see write_int8); bytes in files of older versions
+        value = entry.get(key)
+        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1:
+            entry[key] = value.numpy().tobytes()
+        elif not isinstance(value, bytes):
+            return None
     return entry
 
 
@@ -122,7 +130,11 @@ def write_int8(path, int8_model: dict, card: dict) -> Path:
 
     path = Path(path)
     payload = validate_payload(load_payload_safely(path), path)
-    payload[INT8_KEY] = dict(int8_model)
+    # the IR as uint8 tensors, not bytes: tensors live beside the record in the archive, so the torch-free
+    # card reader (checkpoint_record.py) keeps reading a small record of plain types (pickled bytes would be
+    # a call to _codecs.encode, which it refuses, and megabytes inside the record)
+    payload[INT8_KEY] = {key: (torch.frombuffer(bytearray(value), dtype=torch.uint8) if key in IR_PARTS else value)
+                         for key, value in int8_model.items()}
     metadata = dict(payload["metadata"])
     training = dict(metadata.get("training") or {})
     training["int8"] = card
