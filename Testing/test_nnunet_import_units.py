@@ -167,3 +167,18 @@ def test_checkpoint_loading_allows_numpy_scalars_and_refuses_other_objects(tmp_p
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_nnunet_checkpoint(tmp_path / "broken.pth")
+
+
+def test_front_doors_refuse_what_is_not_a_results_folder(tmp_path, capsys):
+    """CLI (default output into the user models), library and panel share one check, before any work."""
+    from UNetSegmentLib.cli import main as cli_main
+    from UNetSegmentLib.errors import InputError
+    from UNetSegmentLib.interop.nnunet_plans import check_results_folder
+
+    (tmp_path / "plans.json").write_text("{}")  # half a results folder: dataset.json missing
+    for path, expected in ((tmp_path, "no plans.json and dataset.json"), (tmp_path / "missing", "does not exist"),
+                           (tmp_path / "plans.json", "is not a folder")):
+        with pytest.raises(InputError, match=expected):
+            check_results_folder(path)
+        assert cli_main(["import-nnunet", str(path)]) == 2
+        assert expected in capsys.readouterr().err

@@ -1205,12 +1205,9 @@ class UNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     def startModelImport(self, folder, python=None):
         """Imports an nnU-Net v2 results folder into the user models folder in a worker process; poll the job."""
-        from UNetSegmentLib.interop.nnunet_plans import is_results_folder
+        from UNetSegmentLib.interop.nnunet_plans import check_results_folder
         from UNetSegmentLib.worker import CommandJob
-        if not is_results_folder(folder):
-            raise InputError(f"{folder} has no plans.json and dataset.json, so it is not an nnU-Net v2 results "
-                             "folder.", "Pick the folder nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__"
-                             "<configuration> (it holds fold_0/, fold_1/, ...).")
+        check_results_folder(folder)  # refused here, before a worker starts
         return CommandJob(["import-nnunet", str(folder)], python=python).start()
 
     def startFineTuning(self, modelPath, datasetFolder, outputPath=None, budgetS=600.0, device="auto",

@@ -150,7 +150,7 @@ def add_user_model(path, overwrite: bool = False, name: Optional[str] = None) ->
     if source.is_dir():
         return _import_nnunet_folder(source, overwrite, name)
     loaded = load_checkpoint(source, device="cpu")  # raises CheckpointError with the reason
-    target = _user_model_target(name or source.stem, overwrite)
+    target = user_model_target(name or source.stem, overwrite)
     from .publish import temporary_output  # issue 16: read-only/full folder -> OutputError, no temp left
 
     with temporary_output(target, overwrite) as temp_name:
@@ -158,7 +158,8 @@ def add_user_model(path, overwrite: bool = False, name: Optional[str] = None) ->
     return ModelEntry(target.stem, target, loaded.metadata, "user")
 
 
-def _user_model_target(stem: str, overwrite: bool) -> Path:
+def user_model_target(stem: str, overwrite: bool = False) -> Path:
+    """Where a user model named `stem` goes; refuses a bad name, or an existing one without overwrite."""
     if not stem or any(ch in stem for ch in '/\\:') or stem.startswith("."):
         raise InputError(f"'{stem}' cannot be used as a model name.", "Use letters, digits, '-' and '_'.")
     target = user_models_dir() / f"{stem}{MODEL_SUFFIX}"
@@ -169,15 +170,11 @@ def _user_model_target(stem: str, overwrite: bool) -> Path:
 
 
 def _import_nnunet_folder(folder: Path, overwrite: bool, name: Optional[str]) -> ModelEntry:
-    from .interop.nnunet_plans import default_model_name, is_results_folder
-
-    if not is_results_folder(folder):
-        raise InputError(f"{folder} is a folder without plans.json and dataset.json, so not an nnU-Net v2 "
-                         "results folder.", "Pick a checkpoint file (.pt), or an nnU-Net results folder "
-                         "(nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>).")
     from .interop.nnunet_import import import_results_folder
+    from .interop.nnunet_plans import check_results_folder, default_model_name
 
-    target = import_results_folder(folder, _user_model_target(name or default_model_name(folder), overwrite),
+    check_results_folder(folder)
+    target = import_results_folder(folder, user_model_target(name or default_model_name(folder), overwrite),
                                    overwrite=overwrite)
     return ModelEntry(target.stem, target, read_model_metadata(target), "user")
 

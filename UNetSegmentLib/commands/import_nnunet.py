@@ -40,11 +40,12 @@ def import_model(args: argparse.Namespace) -> dict:
     """Import, then reload the written model as any UNetSegment model (proof that it loads); its summary."""
     from ..ensemble import load_model
     from ..interop.nnunet_import import import_results_folder
-    from ..interop.nnunet_plans import default_model_name
-    from ..model_store import MODEL_SUFFIX, user_models_dir
+    from ..interop.nnunet_plans import check_results_folder, default_model_name
+    from ..model_store import user_model_target
 
     folder = Path(args.results_folder)
-    output = Path(args.output) if args.output else user_models_dir() / f"{default_model_name(folder)}{MODEL_SUFFIX}"
+    output = (Path(args.output) if args.output
+              else user_model_target(default_model_name(check_results_folder(folder)), args.overwrite))
     output = import_results_folder(folder, output, folds=args.folds, checkpoint=args.checkpoint,
                                    overwrite=args.overwrite, allow_trainers=tuple(args.allow_trainer))
     metadata = load_model(output, device="cpu").metadata

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 
 RECIPE_KIND = "nnunet"
 RECIPE_VERSION = 1
@@ -37,6 +37,20 @@ def is_results_folder(folder) -> bool:
     """An nnU-Net v2 results folder (<Trainer>__<Plans>__<configuration>) has its plans and dataset.json."""
     folder = Path(folder)
     return (folder / "plans.json").is_file() and (folder / "dataset.json").is_file()
+
+
+def check_results_folder(folder) -> Path:
+    """The folder, if it is an nnU-Net v2 results folder; else the one message every front door shows."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder{'' if folder.exists() else ' (it does not exist)'}.",
+                         "Pick an nnU-Net v2 results folder: nnUNet_results/DatasetXXX_Name/"
+                         "<Trainer>__<Plans>__<configuration>.")
+    if not is_results_folder(folder):
+        raise InputError(f"{folder} has no plans.json and dataset.json, so it is not an nnU-Net v2 results folder.",
+                         "Pick a checkpoint file (.pt), or the folder nnUNet_results/DatasetXXX_Name/"
+                         "<Trainer>__<Plans>__<configuration> (it holds fold_0/, fold_1/, ...).")
+    return folder
 
 
 def default_model_name(folder) -> str:
