@@ -245,3 +245,34 @@ def _group_worker(out: str) -> None:
 if __name__ == "__main__":
     scenario, arguments = sys.argv[1], json.loads(sys.argv[2])
     {"gradients": _gradients_worker, "silent_peer": _silent_peer_worker, "group": _group_worker}[scenario](**arguments)
+
+
+def test_ranks_write_each_line_in_one_write_even_when_python_is_unbuffered(monkeypatch):
+    """The ranks share the launcher's stdout pipe. Unbuffered Python (PYTHONUNBUFFERED, as in many job
+    environments) sends print's text and its newline as two writes, and two ranks' lines then tore into
+    each other; a rank joining a group must make every line a single write to the pipe."""
+    import io
+    import sys
+
+    class RecordingPipe(io.RawIOBase):
+        def __init__(self):
+            self.writes = []
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.writes.append(bytes(data))
+            return len(data)
+
+    for name in ("stdout", "stderr"):
+        pipe = RecordingPipe()
+        stream = io.TextIOWrapper(pipe, write_through=True)  # what PYTHONUNBUFFERED gives: no buffer layer
+        monkeypatch.setattr(sys, name, stream)
+        print("before", file=stream)
+        assert pipe.writes == [b"before", b"\n"]  # the tearing: two writes per line
+        pipe.writes.clear()
+        distributed._quiet_other_ranks(DistributedContext(1, 2))
+        print("wrote case1.nrrd (0.5 s)", file=stream)
+        print("wrote case3.nrrd (0.4 s)", file=stream)
+        assert pipe.writes == [b"wrote case1.nrrd (0.5 s)\n", b"wrote case3.nrrd (0.4 s)\n"]

@@ -209,15 +209,17 @@ def _rank_device(device, context: DistributedContext):
 
 def _quiet_other_ranks(context: DistributedContext) -> None:
     """Only rank 0 logs progress: other ranks keep warnings and errors. Every rank writes whole lines:
-    the ranks share the launcher's stdout pipe, and a block-buffered stream flushes at arbitrary byte
-    counts, so two ranks' lines could tear into each other (one write per line <= PIPE_BUF is atomic)."""
+    the ranks share the launcher's stdout pipe, where a block-buffered stream flushes at arbitrary byte
+    counts and an unbuffered one (PYTHONUNBUFFERED, write_through) sends print's text and its newline
+    as two writes, so two ranks' lines could tear into each other. Line buffering without write-through
+    makes each line one write, and one write of <= PIPE_BUF bytes to a pipe is atomic."""
     if not context.distributed:
         return
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             try:
-                reconfigure(line_buffering=True)
+                reconfigure(line_buffering=True, write_through=False)
             except (ValueError, OSError):  # a replaced or closed stream: leave it as it is
                 pass
     if not context.is_main:
