@@ -70,6 +70,7 @@ def _predict_both(root: Path, folder: Path, model_file: Path, volumes: dict, fol
         labels = sitk.GetArrayFromImage(ours.labelmap)
         probabilities = np.moveaxis(sitk.GetArrayFromImage(ours.probabilities), -1, 0)
         assert ours.labelmap.GetSize() == image.GetSize()
+        assert (ours.stats["backend"], ours.stats["precision"]) == ("torch", "fp32")  # what the CLI line reports
         assert np.allclose(ours.labelmap.GetOrigin(), image.GetOrigin())
         agreement = float((labels == expected_labels).mean())
         difference = float(np.abs(probabilities - expected_probabilities).max())

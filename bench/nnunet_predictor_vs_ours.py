@@ -8,7 +8,8 @@ format (seeded weights; Testing/nnunet_oracle.py) on a generated CT-like data se
     python -m UNetSegmentLib segment IN/case_0000.nii.gz --model MODEL.pt --mirror --device cpu --precision fp32
 
 (same mirroring axes as the plans ask, fp32 network). Median of --repeats runs each; agreement is the
-fraction of voxels with the same label. Last line:
+fraction of voxels with the same label. A roofline line compares both runtimes' convolution rate with
+this CPU's dense fp32 matmul rate (how much faster any fp32 runtime could be). Last line:
 
     nnunet_s=... ours_s=... speedup=... agreement=...
 
@@ -51,6 +52,53 @@ def run(command: list[str], env: dict) -> float:
         raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stdout[-2000:]}\n"
                          f"{result.stderr[-2000:]}")
     return seconds
+
+
+def roofline(model_file: Path, threads, backend: str) -> str:
+    """One network patch timed on PyTorch and on our runtime, against this CPU's dense fp32 matmul rate.
+
+    Both tools spend nearly all their time in the same convolutions (same FLOPs): when our runtime already
+    runs them near the matmul rate, no fp32 runtime can widen the speedup further on this CPU.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT))
+    from UNetSegmentLib.ensemble import load_model
+    from UNetSegmentLib.runtime import RuntimeOptions, prepare_runner
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    model = load_model(model_file, device=torch.device("cpu"))
+    network = (model.members[0] if hasattr(model, "members") else model).network.eval()
+    patch = tuple(int(p) for p in model.metadata.patch_size)
+    batch = torch.randn((2, 1) + patch, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(batch[:1])
+    gflop = counter.get_total_flops() / 1e9
+
+    def cpu_seconds_per_patch(call, inputs, repeats=2) -> float:
+        call(inputs)  # warm-up (allocation, kernel choice)
+        started = time.process_time()
+        for _ in range(repeats):
+            call(inputs)
+        return (time.process_time() - started) / (repeats * len(inputs))
+
+    with torch.no_grad():
+        torch_s = cpu_seconds_per_patch(lambda x: network(x), batch[:1])  # nnUNetPredictor runs one window at a time
+        runner = prepare_runner(network, (1,) + patch, torch.device("cpu"), precision="fp32",
+                                options=RuntimeOptions(backend=backend, threads=threads))
+        ours_s = cpu_seconds_per_patch(runner, batch)
+    size = 2048
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    matmul_s = cpu_seconds_per_patch(lambda x: torch.mm(a, b), [0], repeats=3)
+    an, bn = a.numpy(), b.numpy()
+    matmul_s = min(matmul_s, cpu_seconds_per_patch(lambda x: an @ bn, [0], repeats=3))
+    peak = 2 * size ** 3 / matmul_s / 1e9
+    return (f"roofline (CPU s per patch {patch}, {gflop:.1f} GFLOP): PyTorch {torch_s:.2f} s = {gflop / torch_s:.0f} "
+            f"GFLOPS, ours ({runner.backend} {runner.precision}) {ours_s:.2f} s = {gflop / ours_s:.0f} GFLOPS; dense "
+            f"fp32 matmul on this CPU {peak:.0f} GFLOPS, so an fp32 runtime at that rate would be at most "
+            f"{torch_s * peak / gflop:.2f}x PyTorch per patch")
 
 
 def main(argv=None) -> int:
@@ -118,6 +166,7 @@ def main(argv=None) -> int:
               f"nnU-Net runs {[round(t, 2) for t in nnunet_times]}, ours {[round(t, 2) for t in ours_times]}; "
               f"CPU s (nnU-Net, ours) {[(round(a, 1), round(b, 1)) for a, b in cpu_pairs]}; "
               f"labels nnU-Net {np.bincount(theirs.ravel()).tolist()} ours {np.bincount(ours.ravel()).tolist()}")
+        print(roofline(imported, args.threads, args.backend))
         print(f"nnunet_s={nnunet_s:.2f} ours_s={ours_s:.2f} speedup={nnunet_s / ours_s:.2f} agreement={agreement:.5f}")
     finally:
         if not args.keep:

@@ -34,7 +34,8 @@ def _labelled(progress: Optional[ProgressCallback], what: str) -> Optional[Progr
 
 
 def _logits(network, data: np.ndarray, patch_size: Sequence[int], options_kwargs: dict, progress, cancel):
-    """Blended logits (C, *spatial) of one member, float16 as nnUNetPredictor's; 2D networks run slice by slice along axis 0."""
+    """(blended logits (C, *spatial) of one member, float16 as nnUNetPredictor's; the engine's stats).
+    2D networks run slice by slice along axis 0."""
     import torch
 
     from ..inference.sliding_window import InferenceOptions, sliding_window_inference
@@ -43,18 +44,20 @@ def _logits(network, data: np.ndarray, patch_size: Sequence[int], options_kwargs
                                pad_value=0.0,  # nnU-Net pads its normalised input with zeros
                                accumulate_dtype="float16", **options_kwargs)
     if len(patch_size) == data.ndim - 1:
-        return sliding_window_inference(network, data, options, progress=progress, cancel=cancel).logits.half()
-    slices, started = [], time.perf_counter()
+        result = sliding_window_inference(network, data, options, progress=progress, cancel=cancel)
+        return result.logits.half(), result.stats
+    slices, started, stats = [], time.perf_counter(), {}
     for index in range(data.shape[1]):
         if cancel is not None:
             cancel.raise_if_cancelled()
         result = sliding_window_inference(network, data[:, index], options, cancel=cancel)
         slices.append(result.logits.half())
+        stats = result.stats
         if progress is not None:
             elapsed = time.perf_counter() - started
             remaining = elapsed / (index + 1) * (data.shape[1] - index - 1)
             progress(Progress(index + 1, data.shape[1], elapsed, remaining, "slices"))
-    return torch.stack(slices, dim=1)
+    return torch.stack(slices, dim=1), stats
 
 
 def predict(image, members: list, *, device, precision: str = "fp32", overlap: float = 0.5, mode: str = "sliding",
@@ -84,11 +87,11 @@ def predict(image, members: list, *, device, precision: str = "fp32", overlap: f
     mirror_axes = tuple(recipe["mirror_axes"]) if mirror else ()
     options_kwargs = dict(overlap=float(overlap), mode=mode, device=device, precision=precision,
                           mirror_axes=mirror_axes, memory_budget_mb=memory_budget_mb)
-    logits = None
+    logits, engine_stats = None, {}
     for index, member in enumerate(members):
         what = f"fold {index + 1}/{len(members)}" if len(members) > 1 else ""
         runtime, member_precision = model_runtime(member, backend, threads, precision, device)
-        member_logits = _logits(member.network, data, member.metadata.patch_size,
+        member_logits, engine_stats = _logits(member.network, data, member.metadata.patch_size,
                                 dict(options_kwargs, precision=member_precision, runtime=runtime),
                                 _labelled(progress, what), cancel)
         logits = member_logits if logits is None else logits.add_(member_logits)
@@ -101,7 +104,10 @@ def predict(image, members: list, *, device, precision: str = "fp32", overlap: f
     step = time.perf_counter()
     labels, probabilities = export(logits.numpy(), properties, recipe, need_probabilities)
     timings["postprocess_s"] = time.perf_counter() - step
-    stats = dict(timings, sampler="sliding_window" if mode == "sliding" else mode, recipe="nnunet",
+    # which runtime ran the network, and any fallback taken (the CLI prints both)
+    stats = {key: engine_stats[key] for key in ("backend", "precision", "fallbacks", "windows", "patches")
+             if key in engine_stats}
+    stats.update(timings, sampler="sliding_window" if mode == "sliding" else mode, recipe="nnunet",
                  configuration=recipe.get("configuration"), mirror_axes=list(mirror_axes),
                  network_grid_size=list(properties.network_shape), cropped_bbox=properties.bbox,
                  ensemble_members=len(members), input_size=list(image.GetSize()),
