@@ -17,6 +17,11 @@ import numpy as np
 import torch
 
 from .cache import ModelCache, entry_key, weights_hash
+from .subpixel import rewrite_transposed_convolutions
+
+# Part of every fp32 IR's cache key: bump it when `convert` changes what it hands to OpenVINO, so that
+# IRs converted by an older recipe are not served (2: transposed convolutions in sub-pixel form).
+CONVERSION_RECIPE = "2"
 
 _CORE = None
 _CORE_LOCK = threading.Lock()
@@ -48,7 +53,11 @@ def _fingerprint(network: torch.nn.Module) -> tuple:
 
 
 def convert(network: torch.nn.Module, input_shape: Sequence[int]):
-    """ov.Model of `network` for inputs (N, *input_shape) with a dynamic batch N, first output only."""
+    """ov.Model of `network` for inputs (N, *input_shape) with a dynamic batch N, first output only.
+
+    Transposed convolutions are converted in sub-pixel form (runtime/subpixel.py): same result, and
+    INT8-quantizable on AVX2 CPUs, where OpenVINO runs transposed convolutions in fp32 only.
+    """
     import openvino as ov
 
     shape = tuple(int(s) for s in input_shape)
@@ -56,9 +65,10 @@ def convert(network: torch.nn.Module, input_shape: Sequence[int]):
     network.eval()
     example = torch.zeros((2,) + shape, dtype=torch.float32)
     try:
+        traced, _ = rewrite_transposed_convolutions(network)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python branches
-            model = ov.convert_model(network, example_input=example, input=[ov.PartialShape([-1, *shape])])
+            model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape([-1, *shape])])
     finally:
         network.train(was_training)
     if len(model.outputs) > 1:  # deep-supervision style outputs: keep the full-resolution logits
@@ -111,7 +121,7 @@ def is_converted(network: torch.nn.Module, input_shape: Sequence[int], precision
     memo = _COMPILED.get(network) or {}
     if any(key[0] == shape and key[1] == precision and key[3] == _fingerprint(network) for key in memo):
         return True
-    extra = int8_digest(options.int8_model) if precision == "int8" else ""
+    extra = int8_digest(options.int8_model) if precision == "int8" else CONVERSION_RECIPE
     key = entry_key(weights_hash(network), shape, "openvino", "int8" if precision == "int8" else "fp32",
                     version(), extra)
     return ModelCache(options.cache_dir, options.cache_max_mb).lookup(key) is not None
@@ -127,7 +137,7 @@ def create_runner(network: torch.nn.Module, input_shape: Sequence[int], precisio
     """
     shape = tuple(int(s) for s in input_shape)
     cache = ModelCache(cache_dir, cache_max_mb)
-    extra = int8_digest(int8_model) if precision == "int8" else ""
+    extra = int8_digest(int8_model) if precision == "int8" else CONVERSION_RECIPE
     memo_key = (shape, precision, threads, _fingerprint(network), str(cache.folder), extra)
     memo = _COMPILED.setdefault(network, {})
     if memo_key in memo:
