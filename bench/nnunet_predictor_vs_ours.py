@@ -61,9 +61,9 @@ def roofline(model_file: Path, threads, backend: str) -> str:
     runs them near the matmul rate, no fp32 runtime can widen the speedup further on this CPU.
     """
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(ROOT))
+    from roofline import dense_fp32_gflops, network_gflop
     from UNetSegmentLib.ensemble import load_model
     from UNetSegmentLib.runtime import RuntimeOptions, prepare_runner
 
@@ -73,9 +73,7 @@ def roofline(model_file: Path, threads, backend: str) -> str:
     network = (model.members[0] if hasattr(model, "members") else model).network.eval()
     patch = tuple(int(p) for p in model.metadata.patch_size)
     batch = torch.randn((2, 1) + patch, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        network(batch[:1])
-    gflop = counter.get_total_flops() / 1e9
+    gflop = network_gflop(network, (1,) + patch)
 
     def cpu_seconds_per_patch(call, inputs, repeats=2) -> float:
         call(inputs)  # warm-up (allocation, kernel choice)
@@ -89,12 +87,7 @@ def roofline(model_file: Path, threads, backend: str) -> str:
         runner = prepare_runner(network, (1,) + patch, torch.device("cpu"), precision="fp32",
                                 options=RuntimeOptions(backend=backend, threads=threads))
         ours_s = cpu_seconds_per_patch(runner, batch)
-    size = 2048
-    a, b = torch.rand(size, size), torch.rand(size, size)
-    matmul_s = cpu_seconds_per_patch(lambda x: torch.mm(a, b), [0], repeats=3)
-    an, bn = a.numpy(), b.numpy()
-    matmul_s = min(matmul_s, cpu_seconds_per_patch(lambda x: an @ bn, [0], repeats=3))
-    peak = 2 * size ** 3 / matmul_s / 1e9
+    peak = dense_fp32_gflops()
     return (f"roofline (CPU s per patch {patch}, {gflop:.1f} GFLOP): PyTorch {torch_s:.2f} s = {gflop / torch_s:.0f} "
             f"GFLOPS, ours ({runner.backend} {runner.precision}) {ours_s:.2f} s = {gflop / ours_s:.0f} GFLOPS; dense "
             f"fp32 matmul on this CPU {peak:.0f} GFLOPS, so an fp32 runtime at that rate would be at most "

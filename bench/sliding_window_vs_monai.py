@@ -48,6 +48,9 @@ from UNetSegmentLib.inference.sliding_window import (InferenceOptions, is_window
                                                      predict_logits, sliding_window_inference)
 from UNetSegmentLib.runtime import RuntimeOptions, openvino_available  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import dense_fp32_gflops, network_gflop  # noqa: E402
+
 
 def rss_bytes() -> int:
     with open("/proc/self/status", encoding="ascii") as handle:
@@ -189,13 +192,15 @@ def main(argv=None) -> int:
             best_seconds, best_batch = seconds, sw_batch_size
     rows["monai_best"] = best_seconds
 
-    seconds, peak, rise, ours = timed(lambda: predict_logits(network, volume, roi, overlap=0.5), repeats, meter)
+    seconds, peak, rise, ours = timed(lambda: predict_logits(network, volume, roi, overlap=0.5, pad_value=0.0),
+                                      repeats, meter)
     difference = float((ours - reference).abs().max())
     report("ours fp32 sliding (equal output)", seconds, peak, rise, f"   max |diff| vs MONAI {difference:.1e}")
     rows["ours_fp32"] = seconds
     reference_labels = reference[0].argmax(0).numpy()
 
-    options = InferenceOptions(patch_size=roi, overlap=0.5, precision="auto", mode="auto", device="cpu")
+    options = InferenceOptions(patch_size=roi, overlap=0.5, precision="auto", mode="auto", device="cpu",
+                               pad_value=0.0)  # MONAI pads windows with zeros; ours by default with the minimum
     seconds, peak, rise, result = timed(lambda: sliding_window_inference(network, volume[0], options), repeats, meter)
     agreement = float(np.mean(result.labels == reference_labels))
     stats = result.stats
@@ -209,7 +214,8 @@ def main(argv=None) -> int:
     rows["ov_fp32"] = rows["int8"] = float("nan")
     if openvino_available():
         fp32_runtime = RuntimeOptions(backend="openvino", threads=threads, cache_dir=cache.name)
-        ov_options = InferenceOptions(patch_size=roi, overlap=0.5, device="cpu", runtime=fp32_runtime)
+        ov_options = InferenceOptions(patch_size=roi, overlap=0.5, device="cpu", runtime=fp32_runtime,
+                                      pad_value=0.0)
         started = time.perf_counter()
         first = sliding_window_inference(network, volume[0], ov_options)
         print(f"OpenVINO conversion (first run, cached afterwards): {first.stats.get('runtime_convert_s', 0):.1f} s "
@@ -227,7 +233,7 @@ def main(argv=None) -> int:
         int8_model = quantize_network(network, (1,) + roi, calibration_windows(volume, roi))
         print(f"INT8 post-training quantization (NNCF, 16 windows of this volume): "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-        int8_options = InferenceOptions(patch_size=roi, overlap=0.5, device="cpu", precision="int8",
+        int8_options = InferenceOptions(patch_size=roi, overlap=0.5, device="cpu", precision="int8", pad_value=0.0,
                                         runtime=RuntimeOptions(backend="openvino", threads=threads,
                                                                cache_dir=cache.name, int8_model=int8_model))
         seconds, peak, rise, result = timed(lambda: sliding_window_inference(network, volume[0], int8_options),
@@ -246,6 +252,14 @@ def main(argv=None) -> int:
 
     default_s, best_s = rows["monai sw_batch_size=1 (default)"], rows["monai_best"]
     print(f"MONAI best sw_batch_size: {best_batch}")
+    windows = int(stats.get("windows") or 0)
+    if windows:  # how far any fp32 runtime could go: the same FLOPs at this CPU's dense matmul rate
+        gflop = network_gflop(network, (1,) + roi) * windows
+        ceiling_s = gflop / (dense_fp32_gflops() * threads)
+        print(f"roofline: {windows} windows x {gflop / windows:.1f} GFLOP; MONAI best {gflop / best_s:.0f} GFLOPS, "
+              f"ours OpenVINO fp32 {gflop / rows['ov_fp32']:.0f}, INT8 {gflop / rows['int8']:.0f} (fp32-equivalent); "
+              f"at the dense fp32 matmul rate x {threads} thread(s) the network alone would take {ceiling_s:.2f} s = "
+              f"{best_s / ceiling_s:.2f}x MONAI best")
     print(f"monai_default_s={default_s:.3f} monai_best_s={best_s:.3f} ours_fp32_s={rows['ours_fp32']:.3f} "
           f"ours_auto_s={rows['ours_auto']:.3f} ratio_fp32_vs_default={default_s / rows['ours_fp32']:.3f} "
           f"ratio_fp32_vs_best={best_s / rows['ours_fp32']:.3f} "
