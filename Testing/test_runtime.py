@@ -336,3 +336,39 @@ def test_segment_cli_takes_backend_precision_and_threads(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["segment", "in.nrrd", "-o", "o.nrrd", "--backend", "onnx"])
     assert exit_info.value.code == 2
+
+
+def test_batches_are_split_over_parallel_streams_with_the_same_result():
+    """With 2 threads a batch runs as one window per single-thread stream, concurrently; a batch smaller
+    than the streams (whole-volume mode) uses one request with every thread. Same logits either way."""
+    network = tiny("unet", 3, "batch")
+    batch = torch.randn((3, 1) + PATCH[3], generator=torch.Generator().manual_seed(3))
+    runner = openvino_backend.create_runner(network, (1,) + PATCH[3], "fp32", 2, None, 256.0)
+    assert len(runner.parallel_requests) == 2
+    with torch.no_grad():
+        expected = network(batch)
+    parallel = runner(batch)  # 2 + 1 windows on two streams
+    single = runner(batch[:1])  # one request, both threads
+    assert parallel.shape == expected.shape
+    assert float((parallel - expected).abs().max()) <= 1e-3
+    assert float((single - expected[:1]).abs().max()) <= 1e-3
+    one_thread = openvino_backend.create_runner(network, (1,) + PATCH[3], "fp32", 1, None, 256.0)
+    assert one_thread.parallel_requests == []
+
+
+def test_windows_are_cut_into_equal_batches(monkeypatch):
+    """8 windows with batches of at most 5 run as 4 + 4 (as many calls as 5 + 3, evenly split over streams)."""
+    seen = []
+
+    class Recorder(nn.Module):
+        spatial_dims, in_channels, out_channels = 2, 1, 2
+
+        def forward(self, x):
+            seen.append(len(x))
+            return torch.cat([x, -x], dim=1)
+
+    options = InferenceOptions(patch_size=(8, 8), overlap=0.5, batch_size=5, mode="sliding",
+                               runtime=RuntimeOptions(backend="torch"))
+    result = sliding_window_inference(Recorder(), np.zeros((1, 20, 12), np.float32), options)  # 4 x 2 windows
+    assert result.stats["windows"] == 8
+    assert seen[-2:] == [4, 4]

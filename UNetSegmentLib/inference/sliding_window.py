@@ -333,7 +333,8 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, 
         else:
             free = available_memory_bytes(candidate)
             budget = free * AUTO_BUDGET_FRACTION if free else float("inf")
-        per_voxel = _activation_bytes_per_voxel(network, volume.shape[0], spatial_dims, multiple, element_size)
+        with torch_threads(options.runtime.threads if options.runtime is not None else None):  # the probe too
+            per_voxel = _activation_bytes_per_voxel(network, volume.shape[0], spatial_dims, multiple, element_size)
         whole_bytes = per_voxel * math.prod(whole_shape) + input_bytes + out_channels * 4 * math.prod(spatial)
         equivalent = is_window_equivalent(network)
         want_whole = options.mode == "whole" or (options.mode == "auto" and equivalent and whole_bytes <= budget)
@@ -571,6 +572,9 @@ def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype,
     tracker = ProgressTracker(len(volumes) * len(windows), progress, cancel)
     in_channels = volumes.shape[1]
     minimum = CPU_MIN_BATCH if plan.device.type == "cpu" else 1
+    # equal batches (8 windows at most 5 a batch: 4 + 4, not 5 + 3): the same number of calls, and each
+    # splits evenly over the runtime's parallel streams
+    step = math.ceil(len(windows) / math.ceil(len(windows) / plan.batch_size)) if windows else plan.batch_size
     batch_buffer = torch.zeros((max(plan.batch_size, minimum), in_channels) + patch, device=plan.device)
     crop = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
     band = patch[0] if sink is not None else padded[0]
@@ -602,9 +606,9 @@ def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype,
             scores[:, max(kept, 0):].zero_()
             band_start = until
 
-        for first in range(0, len(windows), plan.batch_size):
+        for first in range(0, len(windows), step):
             tracker.check_cancel()
-            chunk = windows[first:first + plan.batch_size]
+            chunk = windows[first:first + step]
             for slot, window in enumerate(chunk):
                 batch_buffer[slot].copy_(volume[(slice(None),) + window])
             # Unused slots keep earlier patches: running them keeps the batch >= 2 on CPU.
