@@ -370,6 +370,16 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, 
         if minimum == 2 and 1 in batches and len(batches) > 1:
             batches.remove(1)  # a batch of one is slower on CPU and saves little memory
         fitting = [b for b in batches if sliding_bytes(patch, b, per_voxel) <= budget]
+        # equal batches (8 windows at most 5 a batch: 4 + 4, not 5 + 3): the same number of calls, and
+        # each splits evenly over the runtime's parallel streams
+        window_count = len(window_starts(tuple(max(s, p) for s, p in zip(spatial, patch)), patch, options.overlap,
+                                         options.grid))
+
+        def equal(batch: int) -> int:
+            return math.ceil(window_count / math.ceil(window_count / batch)) if window_count else batch
+
+        first = equal(first)
+        fitting = list(dict.fromkeys(equal(b) for b in fitting))
         if not fitting:
             smallest_need = min(smallest_need, sliding_bytes(patch, batches[-1], per_voxel))
             smallest_budget = min(smallest_budget, budget)
@@ -572,9 +582,6 @@ def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype,
     tracker = ProgressTracker(len(volumes) * len(windows), progress, cancel)
     in_channels = volumes.shape[1]
     minimum = CPU_MIN_BATCH if plan.device.type == "cpu" else 1
-    # equal batches (8 windows at most 5 a batch: 4 + 4, not 5 + 3): the same number of calls, and each
-    # splits evenly over the runtime's parallel streams
-    step = math.ceil(len(windows) / math.ceil(len(windows) / plan.batch_size)) if windows else plan.batch_size
     batch_buffer = torch.zeros((max(plan.batch_size, minimum), in_channels) + patch, device=plan.device)
     crop = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(pad_before, spatial))
     band = patch[0] if sink is not None else padded[0]
@@ -606,9 +613,9 @@ def _slide(runner, volumes, options, plan, patch, mirror_axes, accumulate_dtype,
             scores[:, max(kept, 0):].zero_()
             band_start = until
 
-        for first in range(0, len(windows), step):
+        for first in range(0, len(windows), plan.batch_size):
             tracker.check_cancel()
-            chunk = windows[first:first + step]
+            chunk = windows[first:first + plan.batch_size]
             for slot, window in enumerate(chunk):
                 batch_buffer[slot].copy_(volume[(slice(None),) + window])
             # Unused slots keep earlier patches: running them keeps the batch >= 2 on CPU.

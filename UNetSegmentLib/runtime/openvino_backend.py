@@ -85,8 +85,7 @@ def int8_digest(int8_model: dict) -> str:
 def compile_config(precision: str, threads: Optional[int], cache: Optional[ModelCache], streams: int = 1) -> dict:
     """`streams` > 1: that many concurrent requests sharing `threads` (one window each, see OpenVINORunner)."""
     config = {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", "NUM_STREAMS": str(int(streams)),
-              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-              "CPU_DENORMALS_OPTIMIZATION": True}
+              "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     if cache is not None:
