@@ -261,6 +261,11 @@ def test_auto_uses_openvino_on_cpu_only_and_bad_settings_are_clear_errors():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(InputError, match="threads"):
             runtime.check_threads(bad)
+    import os
+
+    with pytest.raises(InputError, match="logical CPUs"):  # 100000 threads crashed the process (SIGSEGV)
+        runtime.check_threads((os.cpu_count() or 1) + 1)
+    assert runtime.check_threads(os.cpu_count() or 1) == (os.cpu_count() or 1)
     assert runtime.suggested_threads(leave_one_core_free=True) == max(1, runtime.physical_cores() - 1)
 
 

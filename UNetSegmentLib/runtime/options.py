@@ -48,6 +48,10 @@ def check_threads(threads) -> Optional[int]:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be a positive integer, got {threads!r}.",
                          f"Use e.g. {physical_cores()} (this machine's physical cores) or leave it unset.")
+    logical = os.cpu_count() or 1
+    if threads > logical:  # PyTorch/OpenVINO would start that many threads (100000 crashed the process)
+        raise InputError(f"threads is {threads}, more than this machine's {logical} logical CPUs.",
+                         f"Use at most {logical}, e.g. {physical_cores()} (the physical cores), or leave it unset.")
     return threads
 
 

@@ -105,7 +105,7 @@ def rewrite_transposed_convolutions(network: nn.Module) -> tuple[nn.Module, int]
         return network, 0
     rewritten = copy.deepcopy(network)
     count = 0
-    for name, module in list(rewritten.named_modules()):
+    for module in list(rewritten.modules()):
         for child_name, child in list(module.named_children()):
             if is_rewritable(child):
                 setattr(module, child_name, SubPixelConvTranspose(child))
