@@ -178,6 +178,32 @@ def test_a_worse_model_is_reported_as_worse(parent, cases, tmp_path, monkeypatch
     assert result.output.exists()  # kept for inspection; the panel keeps the parent selected
 
 
+def test_parent_weight_blends_the_parent_and_the_tuned_weights(parent, cases, tmp_path):
+    """Weight-space ensembling: the same seeded tuning, written as is and blended 1:3 with the parent."""
+    import torch
+
+    from UNetSegmentLib.checkpoint import load_checkpoint
+    from UNetSegmentLib.finetune import fine_tune
+
+    plain = fine_tune(config(parent, cases, tmp_path / "plain.pt", max_iterations=2, parent_weight=0.0))
+    blended = fine_tune(config(parent, cases, tmp_path / "blended.pt", max_iterations=2, parent_weight=0.25))
+    weights = {name: load_checkpoint(path).network.state_dict() for name, path in
+               (("parent", parent), ("plain", plain.output), ("blended", blended.output))}
+    moved = 0
+    for key, value in weights["blended"].items():
+        expected = 0.25 * weights["parent"][key] + 0.75 * weights["plain"][key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+        moved += not torch.equal(weights["plain"][key], weights["parent"][key])
+    assert moved  # the tuning changed weights, so the blend is not trivially the parent
+    assert load_checkpoint(blended.output).metadata.training["fine_tuning"]["parent_weight"] == 0.25
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(InputError, match="parent weight"):
+            fine_tune(config(parent, cases, tmp_path / "never.pt", parent_weight=bad))
+    with pytest.raises(InputError, match="optimizer 'lion'"):
+        fine_tune(config(parent, cases, tmp_path / "never.pt", optimizer="lion"))
+    assert not (tmp_path / "never.pt").exists()
+
+
 def test_cancel_writes_nothing(parent, cases, tmp_path):
     from UNetSegmentLib.finetune import fine_tune
 
@@ -249,10 +275,14 @@ def test_cli_finetune_plain_and_json(parent, cases, tmp_path):
     from UNetSegmentLib.checkpoint import read_checkpoint_metadata
 
     code, out, err = run_cli(["finetune", parent, cases, "--output", tmp_path / "a.pt", "--budget-s", "120",
-                              "--max-iterations", "1", "--device", "cpu", "--quiet"])
+                              "--max-iterations", "1", "--device", "cpu", "--quiet", "--parent-weight", "0.5",
+                              "--optimizer", "radam"])
     assert code == 0, err
     assert "wrote" in out and "mean Dice" in out
-    assert read_checkpoint_metadata(tmp_path / "a.pt").training["fine_tuning"]["iterations"] == 1
+    card = read_checkpoint_metadata(tmp_path / "a.pt").training["fine_tuning"]
+    assert (card["iterations"], card["parent_weight"], card["optimizer"]) == (1, 0.5, "radam")
+    code, out, err = run_cli(["finetune", parent, cases, "--output", tmp_path / "w.pt", "--parent-weight", "1"])
+    assert code == 2 and "parent weight" in err and not (tmp_path / "w.pt").exists()
 
     code, out, err = run_cli(["finetune", parent, cases, "--output", tmp_path / "b.pt", "--max-iterations", "2",
                               "--device", "cpu", "--json"])

@@ -349,11 +349,12 @@ def test_batches_are_split_over_parallel_streams_with_the_same_result():
     network = tiny("unet", 3, "batch")
     batch = torch.randn((3, 1) + PATCH[3], generator=torch.Generator().manual_seed(3))
     runner = openvino_backend.create_runner(network, (1,) + PATCH[3], "fp32", 2, None, 256.0)
-    assert len(runner.parallel_requests) == 2
     with torch.no_grad():
         expected = network(batch)
-    parallel = runner(batch)  # 2 + 1 windows on two streams
     single = runner(batch[:1])  # one request, both threads
+    assert runner.parallel_requests == []  # the multi-stream model is compiled on first use only
+    parallel = runner(batch)  # 2 + 1 windows on two streams
+    assert len(runner.parallel_requests) == 2
     assert parallel.shape == expected.shape
     assert float((parallel - expected).abs().max()) <= 1e-3
     assert float((single - expected[:1]).abs().max()) <= 1e-3

@@ -246,6 +246,9 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # the scene closes after the panel was unloaded), so connected wrappers are kept alive.
             _guiConnectedParameterNodes.append(parameterNode)
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            # after connectGui, which sets the box's range from the parameter's WithinRange: more threads
+            # than logical CPUs only slow the worker down (and the worker refuses them)
+            self.ui.threadsSpinBox.maximum = os.cpu_count() or 1
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.showSettingsFromParameterNode()
 
@@ -980,7 +983,9 @@ class UNetSegmentLogic(ScriptedLoadableModuleLogic):
     def cpuThreads(threads=0, leaveOneCoreFree=False):
         """The worker's thread count: the user's number, else every physical core (or all but one)."""
         from UNetSegmentLib.runtime.options import suggested_threads
-        return int(threads) if threads else suggested_threads(leave_one_core_free=bool(leaveOneCoreFree))
+        if threads:  # a scene saved on a larger machine may ask for more CPUs than this one has
+            return max(1, min(int(threads), os.cpu_count() or 1))
+        return suggested_threads(leave_one_core_free=bool(leaveOneCoreFree))
 
     @staticmethod
     def shippedDefaultModelPaths():

@@ -34,6 +34,8 @@ from .progress import CancelToken, Progress, ProgressCallback
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_S = 600.0
+DEFAULT_PARENT_WEIGHT = 0.0
+OPTIMIZERS = ("adam", "radam")
 _FT_SUFFIX = re.compile(r"-ft-\d{8}-\d{6}$")
 
 
@@ -45,6 +47,11 @@ class FineTuneConfig:
     budget_s: float = DEFAULT_BUDGET_S  # wall time for the whole run (checks included)
     max_iterations: int = 5000
     lr: float = 3e-4
+    # RAdam (Liu et al. 2020): a fresh Adam's first steps move every weight by ~lr whatever its gradient
+    # (m/sqrt(v) is +-1 from one sample), which shakes a converged parent; RAdam takes gradient-sized
+    # steps until its variance estimate is reliable. Measured on the shipped model: in-distribution
+    # harm after 30 steps 0.021 -> 0.003 Dice, domain-shift recovery unchanged (docs/finetune.md)
+    optimizer: str = "radam"  # or "adam"
     # linear warm-up: a fresh Adam moves every weight by ~lr from the first step, which would shake a
     # converged parent before the moments know the gradients' scale
     warmup_iterations: int = 10
@@ -58,6 +65,10 @@ class FineTuneConfig:
     augment: bool = True
     overlap: float = 0.5
     overwrite: bool = False
+    # weight-space ensembling (WiSE-FT, Wortsman et al. 2022): the written weights are
+    # parent_weight * parent + (1 - parent_weight) * tuned; keeps part of what the parent learnt from its
+    # own (much larger) training set, which a few user cases cannot teach again
+    parent_weight: float = DEFAULT_PARENT_WEIGHT
 
 
 @dataclass
@@ -191,6 +202,11 @@ def fine_tune(config: FineTuneConfig, progress: ProgressCallback | None = None,
         raise InputError(f"The time budget must be positive, got {config.budget_s}.", "Pass e.g. --budget-s 600.")
     if not config.lr > 0 or config.max_iterations < 1:
         raise InputError("The learning rate and the iteration cap must be positive.", "Use the defaults.")
+    if config.optimizer not in OPTIMIZERS:
+        raise InputError(f"Unknown optimizer '{config.optimizer}'.", f"Choose one of: {', '.join(OPTIMIZERS)}.")
+    if not 0.0 <= config.parent_weight < 1.0:
+        raise InputError(f"The parent weight must be in [0, 1), got {config.parent_weight}.",
+                         "Pass e.g. --parent-weight 0.5 (0: the tuned weights as they are).")
     parent = resolve_parent(config.model)
     output = Path(config.output) if config.output else default_output(parent.name)
     refuse_outputs_over_inputs([output], [parent.path, parent.checkpoint])
@@ -290,7 +306,8 @@ def fine_tune(config: FineTuneConfig, progress: ProgressCallback | None = None,
         "dice_after": {name: round(score, 4) for name, score in after.items()},
         "mean_before": round(mean_before, 4), "mean_after": round(mean_after, 4), "improved": improved,
         "iterations": iterations, "budget_s": config.budget_s, "seconds": seconds, "lr": config.lr,
-        "warmup_iterations": config.warmup_iterations,
+        "warmup_iterations": config.warmup_iterations, "parent_weight": config.parent_weight,
+        "optimizer": config.optimizer,
         "batch_size": _batch_size(config, metadata), "seed": config.seed, "device": str(device),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -356,7 +373,8 @@ def _tune(parent: Parent, images: Sequence[np.ndarray], labels: Sequence[np.ndar
     sample_size = augmenter.input_size if augmenter else patch_size
     sampler = make_sampler("foreground", list(zip(images, labels)), sample_size, seed=config.seed)
     loss_function = DeepSupervisionLoss(DiceCELoss())
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer_class = torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam
+    optimizer = optimizer_class(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     batch_size = _batch_size(config, metadata)
     budget_s = max(0.0, float(budget_s))
     started = time.perf_counter()
@@ -383,4 +401,16 @@ def _tune(parent: Parent, images: Sequence[np.ndarray], labels: Sequence[np.ndar
         if progress is not None:
             progress(Progress(iteration, total, elapsed, per_step * (total - iteration), stage, round(recent, 4)))
     network.eval()
+    if config.parent_weight > 0:
+        blend_with_parent(network, parent.state_dict, config.parent_weight)
     return network, iteration
+
+
+def blend_with_parent(network, parent_state: dict, parent_weight: float) -> None:
+    """In place: every floating-point weight becomes parent_weight * parent + (1 - parent_weight) * tuned."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in network.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.lerp_(parent_state[name].to(device=tensor.device, dtype=tensor.dtype), float(parent_weight))

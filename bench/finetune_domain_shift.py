@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="initial learning rate (default 1e-3, the shipped model's own; a new contrast needs "
                              "larger steps than the product default 3e-4, which suits refinements)")
+    parser.add_argument("--parent-weight", type=float, default=None,
+                        help="share of the parent's weights in the written model (default: the product's)")
+    parser.add_argument("--optimizer", default=None, help="adam or radam (default: the product's)")
     parser.add_argument("--eval-cases", type=int, default=10, help="shifted scoring cases (default 10)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dataset", default=str(DATASET))
@@ -111,7 +114,10 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         result = fine_tune(FineTuneConfig(model=args.model, dataset_dir=str(cases_dir), output=str(output),
                                           budget_s=args.budget_s, max_iterations=args.max_iterations, lr=args.lr,
-                                          device="cpu", threads=args.threads))
+                                          device="cpu", threads=args.threads,
+                                          **({} if args.parent_weight is None else
+                                             {"parent_weight": args.parent_weight}),
+                                          **({} if args.optimizer is None else {"optimizer": args.optimizer})))
         seconds = time.perf_counter() - started
         before = mean_dice(parent.checkpoint, scoring, labels, args.threads)
         after = mean_dice(output, scoring, labels, args.threads)

@@ -390,6 +390,10 @@ def test_runtime_and_threads_reach_the_worker_and_openvino_is_installed_only_whe
     panel.ui.inputVolumeSelector.setCurrentNode(volume)
     parameters = panel.logic.getParameterNode()
     panel.ui.runtimeSelector.setCurrentIndex(panel.ui.runtimeSelector.findData("torch"))
+    assert panel.ui.threadsSpinBox.maximum == (os.cpu_count() or 1)  # never more than the worker accepts
+    panel.ui.threadsSpinBox.value = 100000
+    assert parameters.threads == (os.cpu_count() or 1)
+    assert panel.logic.cpuThreads(100000) == (os.cpu_count() or 1)  # e.g. a scene saved on a larger machine
     panel.ui.threadsSpinBox.value = 1
     assert (parameters.runtime, parameters.threads) == ("torch", 1)
     panel.ui.segmentButton.click()

@@ -20,8 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-s", type=float, default=600.0,
                         help="wall-time budget in seconds, checks included (default 600)")
     parser.add_argument("--max-iterations", type=int, default=5000, help="iteration cap (default 5000)")
-    parser.add_argument("--lr", type=float, default=3e-4, help="initial Adam learning rate (default 3e-4)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="initial learning rate (default 3e-4)")
+    parser.add_argument("--optimizer", choices=("adam", "radam"), default=None,
+                        help="radam (default; rectified Adam: its first steps follow the gradient's size, not "
+                             "its sign, so a converged model is moved less) or adam")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the parent's")
+    parser.add_argument("--parent-weight", type=float, default=None,
+                        help="share of the parent's weights in the written model, in [0, 1) (weight-space "
+                             "ensembling of parent and tuned weights; default 0: the tuned weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -43,9 +49,10 @@ def config_from_args(args: argparse.Namespace):
                              f"Pass a positive --{name.replace('_', '-')}.")
     if not args.lr > 0:
         raise InputError(f"--lr must be positive, got {args.lr}.", "Use the default 3e-4.")
+    extra = {name: getattr(args, name) for name in ("parent_weight", "optimizer") if getattr(args, name) is not None}
     return FineTuneConfig(model=args.model, dataset_dir=args.dataset, output=args.output, budget_s=args.budget_s,
                           max_iterations=args.max_iterations, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                          device=args.device, threads=args.threads, overwrite=args.overwrite)
+                          device=args.device, threads=args.threads, overwrite=args.overwrite, **extra)
 
 
 def run(args: argparse.Namespace) -> int:

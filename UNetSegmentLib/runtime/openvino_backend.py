@@ -7,6 +7,7 @@ Only imported when OpenVINO is importable; everything here may raise, and the ca
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 import warnings
@@ -19,13 +20,15 @@ import torch
 from .cache import ModelCache, entry_key, weights_hash
 from .subpixel import rewrite_transposed_convolutions
 
+log = logging.getLogger(__name__)
+
 # Part of every fp32 IR's cache key: bump it when `convert` changes what it hands to OpenVINO, so that
 # IRs converted by an older recipe are not served (2: transposed convolutions in sub-pixel form).
 CONVERSION_RECIPE = "2"
 
 _CORE = None
 _CORE_LOCK = threading.Lock()
-# network -> {(shape, precision, threads, fingerprint, cache folder, int8 digest): (compiled, info)}
+# network -> {(shape, precision, threads, fingerprint, cache folder, int8 digest): CompiledModels}
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -93,6 +96,26 @@ def compile_config(precision: str, threads: Optional[int], cache: Optional[Model
     return config
 
 
+class CompiledModels:
+    """One network's compiled models: the one-request model, and the multi-stream model, compiled on
+    the first batch that uses it (a whole-volume run never does, so it never pays for it)."""
+
+    def __init__(self, single, compile_parallel=None):
+        self.single = single
+        self._compile_parallel = compile_parallel
+        self._parallel = None
+
+    def parallel(self):
+        if self._parallel is None and self._compile_parallel is not None:
+            compile_parallel, self._compile_parallel = self._compile_parallel, None
+            try:
+                self._parallel = compile_parallel()
+            except RuntimeError as error:  # the one-request model works: keep running on it
+                log.warning("OpenVINO multi-stream model not compiled (%s); using one request",
+                            str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return self._parallel
+
+
 class OpenVINORunner:
     """Runs batches (N, C, *shape) through a compiled model; returns float32 logits on the batch's device.
 
@@ -105,22 +128,32 @@ class OpenVINORunner:
 
     backend = "openvino"
 
-    def __init__(self, compiled, precision: str, notes: list, convert_s: float, cache_hit: bool,
-                 input_shape: tuple, parallel=None):
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
-        self.parallel = parallel
-        streams = int(parallel.get_property("NUM_STREAMS")) if parallel is not None else 1
-        self.parallel_requests = [parallel.create_infer_request() for _ in range(streams)] if streams > 1 else []
+    def __init__(self, models: CompiledModels, precision: str, notes: list, convert_s: float, cache_hit: bool,
+                 input_shape: tuple, streams: int = 1):
+        self.compiled = models.single
+        self.request = models.single.create_infer_request()
+        self._models = models
+        self.streams = int(streams)  # windows run concurrently once a batch has this many
+        self.parallel_requests: list = []  # created with the multi-stream model, on first use
         self.precision = precision
         self.notes = notes
         self.convert_s = convert_s
         self.cache_hit = cache_hit
         self.input_shape = input_shape
 
+    def _parallel_requests(self) -> list:
+        if not self.parallel_requests and self.streams > 1:
+            parallel = self._models.parallel()
+            count = int(parallel.get_property("NUM_STREAMS")) if parallel is not None else 1
+            if count > 1:
+                self.parallel_requests = [parallel.create_infer_request() for _ in range(count)]
+            else:
+                self.streams = 1
+        return self.parallel_requests
+
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        requests = self.parallel_requests
+        requests = self._parallel_requests() if self.streams > 1 and len(array) >= self.streams else []
         if requests and len(array) >= len(requests):
             parts = np.array_split(array, len(requests))  # contiguous views along the batch axis
             for request, part in zip(requests, parts):
@@ -160,9 +193,9 @@ def create_runner(network: torch.nn.Module, input_shape: Sequence[int], precisio
     extra = int8_digest(int8_model) if precision == "int8" else CONVERSION_RECIPE
     memo_key = (shape, precision, threads, _fingerprint(network), str(cache.folder), extra)
     memo = _COMPILED.setdefault(network, {})
+    streams = int(threads) if threads and int(threads) > 1 else 1
     if memo_key in memo:
-        compiled, parallel = memo[memo_key]
-        return OpenVINORunner(compiled, precision, [], 0.0, True, shape, parallel)
+        return OpenVINORunner(memo[memo_key], precision, [], 0.0, True, shape, streams)
     ir_precision = "int8" if precision == "int8" else "fp32"
     key = entry_key(weights_hash(network), shape, "openvino", ir_precision, version(), extra)
     notes, convert_s = [], 0.0
@@ -202,14 +235,14 @@ def create_runner(network: torch.nn.Module, input_shape: Sequence[int], precisio
     source = str(path) if path is not None and cache is not None else model
     try:
         compiled = core().compile_model(source, "CPU", config)
-        parallel = None
-        if threads and int(threads) > 1:
-            parallel = core().compile_model(source, "CPU", compile_config(precision, threads, cache, int(threads)))
     except RuntimeError:
         if not cache_hit:
             raise
         cache.remove(key)  # a damaged entry: convert again, once
         return create_runner(network, shape, precision, threads, cache_dir, cache_max_mb, int8_model, on_convert)
+    parallel_config = compile_config(precision, threads, cache, streams)
+    models = CompiledModels(compiled, (lambda: core().compile_model(source, "CPU", parallel_config))
+                            if streams > 1 else None)
     memo.clear()  # keep one compiled model per network: the newest shape/precision
-    memo[memo_key] = (compiled, parallel)
-    return OpenVINORunner(compiled, precision, notes, convert_s, cache_hit, shape, parallel)
+    memo[memo_key] = models
+    return OpenVINORunner(models, precision, notes, convert_s, cache_hit, shape, streams)
