@@ -248,7 +248,8 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
             # after connectGui, which sets the box's range from the parameter's WithinRange: more threads
             # than logical CPUs only slow the worker down (and the worker refuses them)
-            self.ui.threadsSpinBox.maximum = os.cpu_count() or 1
+            from UNetSegmentLib.runtime.options import logical_cpus
+            self.ui.threadsSpinBox.maximum = logical_cpus()
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
             self.showSettingsFromParameterNode()
 
@@ -982,9 +983,9 @@ class UNetSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def cpuThreads(threads=0, leaveOneCoreFree=False):
         """The worker's thread count: the user's number, else every physical core (or all but one)."""
-        from UNetSegmentLib.runtime.options import suggested_threads
+        from UNetSegmentLib.runtime.options import logical_cpus, suggested_threads
         if threads:  # a scene saved on a larger machine may ask for more CPUs than this one has
-            return max(1, min(int(threads), os.cpu_count() or 1))
+            return max(1, min(int(threads), logical_cpus()))
         return suggested_threads(leave_one_core_free=bool(leaveOneCoreFree))
 
     @staticmethod

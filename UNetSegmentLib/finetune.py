@@ -52,8 +52,7 @@ class FineTuneConfig:
     # steps until its variance estimate is reliable. Measured on the shipped model: in-distribution
     # harm after 30 steps 0.021 -> 0.003 Dice, domain-shift recovery unchanged (docs/finetune.md)
     optimizer: str = "radam"  # or "adam"
-    # linear warm-up: a fresh Adam moves every weight by ~lr from the first step, which would shake a
-    # converged parent before the moments know the gradients' scale
+    # linear warm-up of the learning rate, for the same reason (and for --optimizer adam above all)
     warmup_iterations: int = 10
     weight_decay: float = 3e-5
     batch_size: Optional[int] = None  # default: the parent's

@@ -111,13 +111,12 @@ def main(argv=None) -> int:
             image, reference = case(dataset, case_id, args.shift)
             add_case(cases_dir, image, reference, parent.checkpoint, case_name=case_id, model_name=parent.name)
         output = Path(folder) / f"{parent.name}-ft.pt"
+        overrides = {name: getattr(args, name) for name in ("parent_weight", "optimizer")
+                     if getattr(args, name) is not None}  # else the product's defaults
         started = time.perf_counter()
         result = fine_tune(FineTuneConfig(model=args.model, dataset_dir=str(cases_dir), output=str(output),
                                           budget_s=args.budget_s, max_iterations=args.max_iterations, lr=args.lr,
-                                          device="cpu", threads=args.threads,
-                                          **({} if args.parent_weight is None else
-                                             {"parent_weight": args.parent_weight}),
-                                          **({} if args.optimizer is None else {"optimizer": args.optimizer})))
+                                          device="cpu", threads=args.threads, **overrides))
         seconds = time.perf_counter() - started
         before = mean_dice(parent.checkpoint, scoring, labels, args.threads)
         after = mean_dice(output, scoring, labels, args.threads)

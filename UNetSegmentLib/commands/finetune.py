@@ -12,6 +12,8 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..finetune import OPTIMIZERS  # torch-free module
+
     parser.add_argument("model", help="checkpoint (.pt), folder of fold checkpoints (its first fold is tuned) "
                                       "or model name")
     parser.add_argument("dataset", help="training set folder (imagesTr/, labelsTr/, dataset.json)")
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall-time budget in seconds, checks included (default 600)")
     parser.add_argument("--max-iterations", type=int, default=5000, help="iteration cap (default 5000)")
     parser.add_argument("--lr", type=float, default=3e-4, help="initial learning rate (default 3e-4)")
-    parser.add_argument("--optimizer", choices=("adam", "radam"), default=None,
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                         help="radam (default; rectified Adam: its first steps follow the gradient's size, not "
                              "its sign, so a converged model is moved less) or adam")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the parent's")

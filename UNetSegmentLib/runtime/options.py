@@ -48,7 +48,7 @@ def check_threads(threads) -> Optional[int]:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be a positive integer, got {threads!r}.",
                          f"Use e.g. {physical_cores()} (this machine's physical cores) or leave it unset.")
-    logical = os.cpu_count() or 1
+    logical = logical_cpus()
     if threads > logical:  # PyTorch/OpenVINO would start that many threads (100000 crashed the process)
         raise InputError(f"threads is {threads}, more than this machine's {logical} logical CPUs.",
                          f"Use at most {logical}, e.g. {physical_cores()} (the physical cores), or leave it unset.")
@@ -74,6 +74,11 @@ def openvino_version() -> Optional[str]:
     import openvino
 
     return str(openvino.__version__)
+
+
+def logical_cpus() -> int:
+    """The most threads worth starting: more only time-slice (and 100000 crashed PyTorch)."""
+    return max(1, os.cpu_count() or 1)
 
 
 def physical_cores() -> int:
@@ -116,7 +121,7 @@ def _physical_cores() -> int:
             return len(cores)
     except OSError:
         pass
-    return max(1, os.cpu_count() or 1)
+    return logical_cpus()
 
 
 def suggested_threads(leave_one_core_free: bool = False) -> int:
