@@ -378,3 +378,25 @@ def test_windows_are_cut_into_equal_batches(monkeypatch):
     result = sliding_window_inference(Recorder(), np.zeros((1, 20, 12), np.float32), options)  # 4 x 2 windows
     assert result.stats["windows"] == 8
     assert seen[-2:] == [4, 4]
+
+
+def test_fp32_on_cuda_switches_tf32_off_for_the_call_and_restores_it():
+    """cuDNN runs fp32 convolutions in TF32 by default on recent GPUs (H200: probabilities 1.5e-3 off
+    the CPU's); the runner's fp32 must be IEEE fp32 there, without changing the caller's settings."""
+    from UNetSegmentLib.runtime import ieee_fp32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32)
+    try:
+        cudnn.allow_tf32 = matmul.allow_tf32 = True
+        with ieee_fp32(torch.device("cuda")):
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+        with pytest.raises(ValueError):
+            with ieee_fp32(torch.device("cuda", 0)):
+                raise ValueError("a failed forward pass")
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+        with ieee_fp32(torch.device("cpu")):
+            assert cudnn.allow_tf32  # nothing to do off CUDA
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved

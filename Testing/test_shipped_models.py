@@ -77,3 +77,22 @@ def test_models_listing_names_the_phantom_model_as_a_demo(capsys):
     assert cli_main(["models"]) == 0
     listing = capsys.readouterr().out
     assert "hippocampus_mr" in listing and "phantom_ct_demo" in listing
+
+
+def test_smaller_windows_to_fit_memory_warn_that_the_result_can_be_much_worse():
+    """The engine's last resort (trained windows do not fit the budget) costs far more than rounding:
+    the user must be told before trusting the labels, not only in a progress note."""
+    ct = sitk.ReadImage(str(model_store.sample_image_path("phantom-ct")))
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(model_store.sample_reference_path("phantom-ct"))))
+    model = model_store.default_model_path("CT")
+    roomy = segment_image(ct, model, device="cpu", precision="fp32", backend="torch")
+    tight = segment_image(ct, model, device="cpu", precision="fp32", backend="torch", memory_budget_mb=64)
+    assert tuple(tight.stats["patch_size"]) != tuple(roomy.stats["patch_size"])
+    assert any("instead of the" in warning and "much worse" in warning for warning in tight.warnings)
+    assert not any("instead of the" in warning for warning in roomy.warnings)
+
+    def mean_dice(result):
+        scores = dice_per_label(sitk.GetArrayFromImage(result.labelmap), reference, [1, 2, 3])
+        return sum(scores.values()) / 3
+
+    assert mean_dice(tight) < mean_dice(roomy) - 0.05  # why it is a warning: the drop is real

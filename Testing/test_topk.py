@@ -372,6 +372,24 @@ def test_staged_training_trains_each_stage_and_freezes_the_backbone_after_stage_
         fit_topk_staged(model, [(image, label)], backbone_steps=1, global_steps=1, finetune_steps=1, cancel=token)
 
 
+def test_global_branch_trains_on_a_volume_that_fits_one_window():
+    """Real hippocampus crops (~35x50x35) fit one 40x56x40 window: a single rank candidate must give a
+    finite loss (its sample std is NaN), so that `train --sampler topk` works on them."""
+    from UNetSegmentLib.topk.staged import fit_topk_staged, global_branch_step
+
+    image, label = phantom(shape=(8, 8, 8))
+    model = make_model(k=1, patch=(8, 8, 8), coarse=(8, 8, 8))
+    images = torch.from_numpy(image)[None]
+    labels = torch.from_numpy(label)[None]
+    assert len(window_starts((8, 8, 8), (8, 8, 8), model.settings.overlap)) == 1
+    loss = global_branch_step(model, images, labels, (8, 8, 8))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.global_network.parameters())
+    fit = fit_topk_staged(model, [(image, label)], backbone_steps=0, global_steps=3, finetune_steps=1, seed=0)
+    assert fit.global_branch.steps == 3 and all(np.isfinite(fit.global_branch.losses))
+
+
 def test_batch_of_one_is_run_as_two_on_cpu_without_changing_the_result():
     from UNetSegmentLib.topk.model import run_avoiding_batch_of_one
 

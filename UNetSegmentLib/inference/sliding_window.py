@@ -396,7 +396,7 @@ def _plans(network: nn.Module, volume: torch.Tensor, options: InferenceOptions, 
                 continue
             plans.append(_Plan("sliding", candidate, autocast_dtype, precision_name, batch,
                                notes + [f"patch size {patch} -> {window} to fit memory (less context per window; "
-                                        "results may differ slightly from the trained patch size)"],
+                                        "the result can be much worse than with the trained patch size)"],
                                reason, window))
     if not plans:
         need = smallest_need / 2 ** 20 if math.isfinite(smallest_need) else \

@@ -31,7 +31,10 @@ def check_k(k: int, candidates: int) -> int:
 
 def gumbel_noise(shape, generator: torch.Generator | None = None, device=None,
                  dtype=torch.float32) -> torch.Tensor:
-    uniform = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    # drawn where the generator lives (the trainers' is a CPU one), then moved: torch.rand refuses a
+    # CPU generator for CUDA output, and the same seed then picks the same windows on every device
+    where = generator.device if generator is not None else device
+    uniform = torch.rand(shape, generator=generator, device=where, dtype=dtype).to(device)
     eps = torch.finfo(dtype).tiny
     return -torch.log((-torch.log(uniform.clamp_min(eps))).clamp_min(eps))
 
@@ -91,6 +94,13 @@ def temperature_at(step: int, total_steps: int, start: float = 1.0, end: float =
         return end
     fraction = min(max(step / (total_steps - 1), 0.0), 1.0)
     return start * math.exp(fraction * math.log(end / start))
+
+
+def rank_target(error: torch.Tensor) -> torch.Tensor:
+    """What the scorer learns to match: a softmax over the candidates' standardised coarse error.
+    The spread is the population one: a volume that fits one window has a single candidate, whose
+    sample std is NaN (no degrees of freedom); with std 0 the target is [1] and the rank loss is 0."""
+    return torch.softmax((error - error.mean()) / (error.std(correction=0) + 1e-6), dim=0)
 
 
 def score_entropy(scores: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..losses import DiceCELoss
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
 from .model import TopKSegmenter, pad_to_patch, window_starts, window_sums
-from .selection import temperature_at
+from .selection import rank_target, temperature_at
 
 dice_ce_loss = DiceCELoss()
 
@@ -152,8 +152,8 @@ def global_branch_step(model: TopKSegmenter, images: torch.Tensor, labels: torch
     for index in range(images.shape[0]):
         raw_scores = model.candidate_scores(score_maps[index:index + 1], regions)
         error = window_sums(voxel_error[index], corners, sizes).float()
-        error = error / torch.tensor([math.prod(size) for size in sizes], dtype=error.dtype)
-        target = torch.softmax((error - error.mean()) / (error.std() + 1e-6), dim=0)
+        error = error / torch.tensor([math.prod(size) for size in sizes], dtype=error.dtype, device=error.device)
+        target = rank_target(error)
         rank_loss = rank_loss - (target * torch.log_softmax(raw_scores, dim=0)).sum()
     return loss + model.settings.rank_weight * rank_loss / images.shape[0]
 

@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..losses import DiceCELoss
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
 from .model import TopKSegmenter, pad_to_patch, window_slices, window_starts, window_sums
-from .selection import (check_k, gather_windows, gumbel_topk_straight_through, score_entropy,
+from .selection import (check_k, gather_windows, gumbel_topk_straight_through, rank_target, score_entropy,
                         temperature_at)
 
 
@@ -55,7 +55,7 @@ def topk_training_step(model: TopKSegmenter, image: torch.Tensor, label: torch.T
 
     regions = [window_slices(s, settings.patch_size) for s in starts]
     # One-hot rows in the forward pass; their straight-through gradient reaches the scores.
-    picked = gather_windows(selection, image[0], torch.tensor(chosen), regions)
+    picked = gather_windows(selection, image[0], torch.tensor(chosen, device=image.device), regions)
 
     has_foreground = window_sums((label[0] > 0), starts, settings.patch_size) > 0
     extra = _random_windows(has_foreground, chosen, settings.random_patches, generator)
@@ -76,7 +76,7 @@ def topk_training_step(model: TopKSegmenter, image: torch.Tensor, label: torch.T
         voxel_error = F.cross_entropy(coarse_up[None], label, reduction="none")[0]
         error = window_sums(voxel_error, starts, settings.patch_size).to(voxel_error.dtype)
         error = error / math.prod(settings.patch_size)
-        target = torch.softmax((error - error.mean()) / (error.std() + 1e-6), dim=0)
+        target = rank_target(error)
     rank_loss = -(target * torch.log_softmax(raw_scores, dim=0)).sum()
 
     total = (aggregated_loss + coarse_loss + local_loss - settings.entropy_weight * entropy
