@@ -344,7 +344,7 @@ def test_segment_cli_takes_backend_precision_and_threads(tmp_path):
 
 
 def test_batches_are_split_over_parallel_streams_with_the_same_result():
-    """With 2 threads a batch runs as one window per single-thread stream, concurrently; a batch smaller
+    """With 2 threads a batch runs one window at a time per single-thread stream, concurrently; a batch smaller
     than the streams (whole-volume mode) uses one request with every thread. Same logits either way."""
     network = tiny("unet", 3, "batch")
     batch = torch.randn((3, 1) + PATCH[3], generator=torch.Generator().manual_seed(3))
@@ -352,14 +352,15 @@ def test_batches_are_split_over_parallel_streams_with_the_same_result():
     with torch.no_grad():
         expected = network(batch)
     single = runner(batch[:1])  # one request, both threads
-    assert runner.parallel_requests == []  # the multi-stream model is compiled on first use only
-    parallel = runner(batch)  # 2 + 1 windows on two streams
-    assert len(runner.parallel_requests) == 2
+    assert runner.parallel_queue is None  # the multi-stream model is compiled on first use only
+    parallel = runner(batch)  # 3 windows, one at a time on the next free of two streams
+    assert len(runner.parallel_queue) == 2
+    assert runner._models.parallel().input(0).get_partial_shape().is_static  # batch of one, static
     assert parallel.shape == expected.shape
     assert float((parallel - expected).abs().max()) <= 1e-3
     assert float((single - expected[:1]).abs().max()) <= 1e-3
     one_thread = openvino_backend.create_runner(network, (1,) + PATCH[3], "fp32", 1, None, 256.0)
-    assert one_thread.parallel_requests == []
+    assert one_thread.parallel_queue is None
 
 
 def test_windows_are_cut_into_equal_batches(monkeypatch):
