@@ -362,6 +362,20 @@ def test_batches_are_split_over_parallel_streams_with_the_same_result():
     one_thread = openvino_backend.create_runner(network, (1,) + PATCH[3], "fp32", 1, None, 256.0)
     assert one_thread.parallel_queue is None
 
+    class SilentQueue:  # requests that end without output and without raising
+        def set_callback(self, callback):
+            pass
+
+        def start_async(self, inputs, userdata=None, share_inputs=False):
+            pass
+
+        def wait_all(self):
+            pass
+
+    runner.parallel_queue = SilentQueue()
+    with pytest.raises(RuntimeError, match=r"no output for window\(s\) \[0, 1, 2\] of 3"):
+        runner(batch)  # a hole would otherwise be blended into the volume as zeros, or crash obscurely
+
 
 def test_windows_are_cut_into_equal_batches(monkeypatch):
     """8 windows with batches of at most 5 run as 4 + 4 (as many calls as 5 + 3, evenly split over streams)."""

@@ -168,6 +168,9 @@ class OpenVINORunner:
             for index in range(len(array)):  # each window to the next free stream
                 queue.start_async({0: array[index:index + 1]}, userdata=index, share_inputs=True)
             queue.wait_all()
+            missing = [index for index, result in enumerate(results) if result is None]
+            if missing:  # a request that failed without raising: never blend a hole into the volume
+                raise RuntimeError(f"OpenVINO returned no output for window(s) {missing} of {len(results)}")
             output = torch.from_numpy(np.concatenate(results))
         else:
             self.request.infer({0: array}, share_inputs=True, share_outputs=True)
