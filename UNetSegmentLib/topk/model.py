@@ -178,6 +178,15 @@ def _interpolation(spatial_dims: int) -> str:
     return "trilinear" if spatial_dims == 3 else "bilinear"
 
 
+def region_means(volume: torch.Tensor, regions: Sequence[tuple[slice, ...]]) -> torch.Tensor:
+    """Mean of a (*S) volume over each region (tuples of slices), on the volume's device."""
+    starts = [[r.start for r in region] for region in regions]
+    sizes = [[r.stop - r.start for r in region] for region in regions]
+    sums = window_sums(volume, starts, sizes)
+    counts = torch.tensor([math.prod(size) for size in sizes], dtype=sums.dtype, device=sums.device)
+    return sums / counts
+
+
 class TopKSegmenter(nn.Module):
     """Backbone + global branch + scorer + patch refiner. Works with any module mapping
     (N, in, *patch) -> (N, out, *patch) logits as backbone and (N, in, *coarse) -> (N, out, *coarse)
@@ -237,11 +246,7 @@ class TopKSegmenter(nn.Module):
 
     def candidate_scores(self, score_map: torch.Tensor, regions: Sequence[tuple[slice, ...]]) -> torch.Tensor:
         """Learned score per candidate: mean of the score map over its coarse footprint."""
-        starts = [[r.start for r in region] for region in regions]
-        sizes = [[r.stop - r.start for r in region] for region in regions]
-        sums = window_sums(score_map[0, 0], starts, sizes)
-        counts = torch.tensor([math.prod(size) for size in sizes], dtype=sums.dtype, device=sums.device)
-        return (sums / counts).to(score_map.dtype)
+        return region_means(score_map[0, 0], regions).to(score_map.dtype)
 
     def coarse_background(self, coarse_logits: torch.Tensor,
                           regions: Sequence[tuple[slice, ...]]) -> torch.Tensor:

@@ -15,7 +15,6 @@ Every stage stops at its step count or its time budget, whichever comes first.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -28,7 +27,7 @@ from torch import nn
 from ..errors import InputError
 from ..losses import DiceCELoss
 from ..progress import CancelToken, ProgressCallback, ProgressTracker
-from .model import TopKSegmenter, pad_to_patch, window_starts, window_sums
+from .model import TopKSegmenter, pad_to_patch, region_means, window_starts
 from .selection import rank_target, temperature_at
 
 dice_ce_loss = DiceCELoss()
@@ -145,15 +144,11 @@ def global_branch_step(model: TopKSegmenter, images: torch.Tensor, labels: torch
     score_maps = model.scorer(torch.cat([coarse_logits, images], dim=1))
     loss = dice_ce_loss(coarse_logits, labels)
     regions = model.coarse_regions(starts, full_shape, coarse_logits.shape[2:])
-    corners = [[r.start for r in region] for region in regions]
-    sizes = [[r.stop - r.start for r in region] for region in regions]
     voxel_error = F.cross_entropy(coarse_logits.detach(), labels, reduction="none")
     rank_loss = 0.0
     for index in range(images.shape[0]):
         raw_scores = model.candidate_scores(score_maps[index:index + 1], regions)
-        error = window_sums(voxel_error[index], corners, sizes).float()
-        error = error / torch.tensor([math.prod(size) for size in sizes], dtype=error.dtype, device=error.device)
-        target = rank_target(error)
+        target = rank_target(region_means(voxel_error[index].float(), regions))
         rank_loss = rank_loss - (target * torch.log_softmax(raw_scores, dim=0)).sum()
     return loss + model.settings.rank_weight * rank_loss / images.shape[0]
 
