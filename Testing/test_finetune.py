@@ -317,3 +317,92 @@ def test_split_and_naming_rules(parent, tmp_path, monkeypatch):
     monkeypatch.setenv("UNETSEGMENT_USER_MODELS_DIR", str(tmp_path / "models"))
     assert default_output("hippo_small", datetime.datetime(2026, 11, 26, 23, 5, 9)) == \
         tmp_path / "models" / "hippo_small-ft-20261126-230509.pt"
+
+
+def _marked_rehearsal_set(parent: Path, folder: Path, value: float = 5.0) -> Path:
+    """A copy of the parent with a rehearsal set beside it whose images are a constant `value`, so its
+    patches can be told apart from the user's (z-scored) patches in a batch."""
+    import SimpleITK as sitk
+
+    from UNetSegmentLib import rehearsal
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / "hippo_small.pt"
+    shutil.copy(parent, model)
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "labelsTr" / f"{case}.nii.gz")))
+              for case in PARENT_CASES[:2]]
+    rehearsal.write(rehearsal.path_for(model), [np.full(label.shape, value, np.float32) for label in labels], labels,
+                    {"case_ids": PARENT_CASES[:2], "spacing": [1.0, 1.0, 1.0], "label_values": [1, 2],
+                     "dataset": "test"})
+    return model
+
+
+def test_rehearsal_cases_fill_their_share_of_every_batch_and_the_card_records_them(parent, cases, tmp_path,
+                                                                                  monkeypatch):
+    from UNetSegmentLib import rehearsal
+    from UNetSegmentLib.checkpoint import read_checkpoint_metadata
+    from UNetSegmentLib.finetune import fine_tune
+    from UNetSegmentLib.sampling import MixedSampler
+
+    model = _marked_rehearsal_set(parent, tmp_path / "with")
+    batches = []
+    original = MixedSampler.sample_batch
+
+    def recording(self, batch_size):
+        images, labels = original(self, batch_size)
+        batches.append(images.copy())
+        return images, labels
+
+    monkeypatch.setattr(MixedSampler, "sample_batch", recording)
+    result = fine_tune(config(model, cases, tmp_path / "tuned.pt", rehearsal=0.5, max_iterations=3))
+    assert len(batches) == 3
+    for images in batches:  # batch 2, share 0.5: one rehearsal patch, one of the user's
+        flat = images.reshape(len(images), -1)
+        marked = [bool(np.all(row == 5.0)) for row in flat]
+        assert sorted(marked) == [False, True], [row.std() for row in flat]
+    card = read_checkpoint_metadata(result.output).training["fine_tuning"]["rehearsal"]
+    path = rehearsal.path_for(model)
+    assert card["sha256"] == sha256(path) and card["file"] == str(path.resolve())
+    assert card["share"] == 0.5 and card["cases"] == 2 and card["case_ids"] == PARENT_CASES[:2]
+
+    # a tuned model has no set beside it: tuning it again rehearses the set its own tuning used
+    batches.clear()
+    again = fine_tune(config(result.output, cases, tmp_path / "again.pt", rehearsal=0.5, max_iterations=2))
+    assert len(batches) == 2
+    assert read_checkpoint_metadata(again.output).training["fine_tuning"]["rehearsal"]["sha256"] == sha256(path)
+    # ...unless that file changed since: then it tunes without, and says so in its card
+    rehearsal.write(path, [np.zeros((4, 4, 4), np.float32)], [np.zeros((4, 4, 4), np.uint8)],
+                    {"case_ids": ["x"], "spacing": [1.0, 1.0, 1.0], "label_values": [1, 2]}, overwrite=True)
+    batches.clear()
+    third = fine_tune(config(result.output, cases, tmp_path / "third.pt", rehearsal=0.5, max_iterations=2))
+    assert batches == [] and read_checkpoint_metadata(third.output).training["fine_tuning"]["rehearsal"] is None
+
+
+def test_rehearsal_zero_tunes_on_the_users_cases_alone_and_bad_shares_are_refused(parent, cases, tmp_path,
+                                                                                   monkeypatch):
+    from UNetSegmentLib.checkpoint import read_checkpoint_metadata
+    from UNetSegmentLib.finetune import fine_tune
+    from UNetSegmentLib.sampling import MixedSampler
+
+    model = _marked_rehearsal_set(parent, tmp_path / "with")
+    monkeypatch.setattr(MixedSampler, "sample_batch", lambda *a: pytest.fail("no rehearsal was asked for"))
+    result = fine_tune(config(model, cases, tmp_path / "alone.pt", rehearsal=0.0, max_iterations=2))
+    assert read_checkpoint_metadata(result.output).training["fine_tuning"]["rehearsal"] is None
+    for share in (1.0, -0.1, float("nan")):
+        with pytest.raises(InputError, match="rehearsal share"):
+            fine_tune(config(model, cases, tmp_path / "bad.pt", rehearsal=share))
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_cli_rehearsal_share_reaches_the_config_and_is_checked():
+    import argparse
+
+    from UNetSegmentLib.commands.finetune import add_arguments, config_from_args
+    from UNetSegmentLib.finetune import DEFAULT_REHEARSAL
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["m.pt", "cases", "--rehearsal", "0.25"])).rehearsal == 0.25
+    assert config_from_args(parser.parse_args(["m.pt", "cases"])).rehearsal == DEFAULT_REHEARSAL == 0.5
+    code, out, err = run_cli(["finetune", "m.pt", "cases", "--rehearsal", "1.5"])
+    assert code == 2 and "rehearsal share" in err and "Traceback" not in err

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_S = 600.0
 DEFAULT_PARENT_WEIGHT = 0.0
+DEFAULT_REHEARSAL = 0.5
 OPTIMIZERS = ("adam", "radam")
 _FT_SUFFIX = re.compile(r"-ft-\d{8}-\d{6}$")
 
@@ -68,6 +69,9 @@ class FineTuneConfig:
     # parent_weight * parent + (1 - parent_weight) * tuned; keeps part of what the parent learnt from its
     # own (much larger) training set, which a few user cases cannot teach again
     parent_weight: float = DEFAULT_PARENT_WEIGHT
+    # rehearsal (experience replay): this share of every batch comes from the parent's own training cases
+    # shipped beside it (rehearsal.py), when it has them; 0 tunes on the user's cases alone
+    rehearsal: float = DEFAULT_REHEARSAL
 
 
 @dataclass
@@ -206,6 +210,9 @@ def fine_tune(config: FineTuneConfig, progress: ProgressCallback | None = None,
     if not 0.0 <= config.parent_weight < 1.0:
         raise InputError(f"The parent weight must be in [0, 1), got {config.parent_weight}.",
                          "Pass e.g. --parent-weight 0.5 (0: the tuned weights as they are).")
+    if not 0.0 <= config.rehearsal < 1.0:
+        raise InputError(f"The rehearsal share must be in [0, 1), got {config.rehearsal}.",
+                         "Pass e.g. --rehearsal 0.5 (0: the user's cases alone).")
     parent = resolve_parent(config.model)
     output = Path(config.output) if config.output else default_output(parent.name)
     refuse_outputs_over_inputs([output], [parent.path, parent.checkpoint])
@@ -233,6 +240,7 @@ def fine_tune(config: FineTuneConfig, progress: ProgressCallback | None = None,
               for case in cases]
     references = [case.label for case in cases]
     patch_size = tuple(int(p) for p in metadata.patch_size)
+    replay = find_rehearsal(parent) if config.rehearsal > 0 else None
 
     def check(network, indices: Sequence[int]) -> dict[str, float]:
         network.eval()
@@ -247,7 +255,7 @@ def fine_tune(config: FineTuneConfig, progress: ProgressCallback | None = None,
         before = check(parent_network, held)
         reserve = 1.5 * (time.perf_counter() - check_started) + 1.0  # for the check after tuning
         network, iterations = _tune(parent, [images[i] for i in tune], [references[i] for i in tune], config,
-                                    device, clock.left() - reserve, progress, cancel, "fine-tuning")
+                                    device, clock.left() - reserve, progress, cancel, "fine-tuning", replay)
         after = check(network, held)
         scheme, tuned_on, held_out = "holdout", [case_ids[i] for i in tune], [case_ids[i] for i in held]
     else:  # too few cases to keep some aside: leave each out once, then tune on all
@@ -262,7 +270,7 @@ def fine_tune(config: FineTuneConfig, progress: ProgressCallback | None = None,
             reserve = 1.5 * (time.perf_counter() - check_started) + 1.0
             network, _ = _tune(parent, [images[i] for i in rest], [references[i] for i in rest], config, device,
                                clock.left() / phases_left - reserve, progress, cancel,
-                               f"fine-tuning (check {index + 1}/{count})")
+                               f"fine-tuning (check {index + 1}/{count})", replay)
             tuned_scores = check(network, [index])
             for name in scores:
                 totals_before[name] = totals_before.get(name, 0.0) + scores[name] / count
@@ -270,7 +278,7 @@ def fine_tune(config: FineTuneConfig, progress: ProgressCallback | None = None,
             del network
         before, after = totals_before, totals_after
         network, iterations = _tune(parent, images, references, config, device, clock.left(), progress, cancel,
-                                    "fine-tuning")
+                                    "fine-tuning", replay)
         scheme, tuned_on, held_out = "leave-one-out", list(case_ids), list(case_ids)
     _check_cancel(cancel)
     mean_before, mean_after = mean_dice(before), mean_dice(after)
@@ -307,6 +315,7 @@ def fine_tune(config: FineTuneConfig, progress: ProgressCallback | None = None,
         "iterations": iterations, "budget_s": config.budget_s, "seconds": seconds, "lr": config.lr,
         "warmup_iterations": config.warmup_iterations, "parent_weight": config.parent_weight,
         "optimizer": config.optimizer,
+        "rehearsal": dict(replay.record(), share=config.rehearsal) if replay is not None else None,
         "batch_size": _batch_size(config, metadata), "seed": config.seed, "device": str(device),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -354,14 +363,35 @@ def _network(parent: Parent, device, deep_supervision: bool):
     return network.to(device)
 
 
+def find_rehearsal(parent: Parent):
+    """The parent's rehearsal set: beside its checkpoint, or (for a fine-tuned parent) the one its own
+    tuning used, if that file is still there unchanged. None when it has none."""
+    from . import rehearsal
+
+    path = rehearsal.find_for(parent.checkpoint)
+    lineage = parent.metadata.training.get("fine_tuning")
+    used = lineage.get("rehearsal") if isinstance(lineage, dict) else None
+    if path is None and isinstance(used, dict) and isinstance(used.get("file"), str):
+        candidate = Path(used["file"])
+        if candidate.is_file() and file_sha256(candidate) == used.get("sha256"):
+            path = candidate
+    if path is None:
+        return None
+    replay = rehearsal.read(path, parent.metadata)
+    log.info("rehearsal: %d of the parent's training cases from %s", len(replay.images), path)
+    return replay
+
+
 def _tune(parent: Parent, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], config: FineTuneConfig,
-          device, budget_s: float, progress: ProgressCallback | None, cancel: CancelToken | None, stage: str):
-    """Train the parent's weights on `images` for `budget_s` seconds (or the iteration cap): (network, steps)."""
+          device, budget_s: float, progress: ProgressCallback | None, cancel: CancelToken | None, stage: str,
+          replay=None):
+    """Train the parent's weights on `images` (mixed with the `replay` rehearsal set's cases, a
+    `config.rehearsal` share of each batch) for `budget_s` seconds or the iteration cap: (network, steps)."""
     import torch
 
     from .augmentation import Augmenter
     from .losses import DeepSupervisionLoss, DiceCELoss
-    from .sampling import make_sampler
+    from .sampling import MixedSampler, make_sampler
     from .training import poly_learning_rate, train_step
 
     metadata = parent.metadata
@@ -371,6 +401,10 @@ def _tune(parent: Parent, images: Sequence[np.ndarray], labels: Sequence[np.ndar
     augmenter = Augmenter(patch_size, metadata.target_spacing, seed=config.seed) if config.augment else None
     sample_size = augmenter.input_size if augmenter else patch_size
     sampler = make_sampler("foreground", list(zip(images, labels)), sample_size, seed=config.seed)
+    if replay is not None and config.rehearsal > 0:
+        rehearsal_sampler = make_sampler("foreground", list(zip(replay.images, replay.labels)), sample_size,
+                                         seed=config.seed + 1)
+        sampler = MixedSampler(sampler, rehearsal_sampler, config.rehearsal, seed=config.seed + 2)
     loss_function = DeepSupervisionLoss(DiceCELoss())
     optimizer_class = torch.optim.RAdam if config.optimizer == "radam" else torch.optim.Adam
     optimizer = optimizer_class(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -119,6 +119,30 @@ class ForegroundPatchSampler(PatchSampler):
 SAMPLERS = {"uniform": UniformPatchSampler, "foreground": ForegroundPatchSampler}
 
 
+class MixedSampler:
+    """Batches that mix two samplers: a `share` of each batch from `secondary` (stochastic rounding, so
+    the share holds on average for any batch size), the rest, always at least one patch, from `primary`.
+    Fine-tuning draws the user's cases from `primary` and the parent's rehearsal cases from `secondary`."""
+
+    def __init__(self, primary: PatchSampler, secondary: PatchSampler, share: float, seed: int = 0):
+        if not 0.0 <= share < 1.0:
+            raise InputError(f"The share of the second sampler must be in [0, 1), got {share}.", "Pass e.g. 0.5.")
+        if primary.patch_size != secondary.patch_size:
+            raise InputError(f"Mixed samplers need one patch size, got {primary.patch_size} and "
+                             f"{secondary.patch_size}.", "Build both with the same patch size.")
+        self.primary, self.secondary, self.share = primary, secondary, float(share)
+        self.patch_size = primary.patch_size
+        self.rng = np.random.default_rng(seed)
+
+    def sample_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        from_secondary = min(max(0, batch_size - 1), int(np.floor(self.share * batch_size + self.rng.random())))
+        patches = ([self.secondary.sample() for _ in range(from_secondary)]
+                   + [self.primary.sample() for _ in range(batch_size - from_secondary)])
+        images = np.stack([p[0] for p in patches]).astype(np.float32, copy=False)
+        labels = np.stack([p[1] for p in patches]).astype(np.int64, copy=False)
+        return images, labels
+
+
 def make_sampler(name: str, cases, patch_size, seed: int = 0) -> PatchSampler:
     try:
         sampler_class = SAMPLERS[name]

@@ -15,6 +15,9 @@ check, as the product does. Scoring cases: --eval-cases of fold 0's validation c
 by fold 0), shifted; Dice by the full inference pipeline (sliding window) on each case's own grid, mean
 over the foreground labels and cases, for the parent (before) and the tuned model (after).
 
+The line before the last scores the same cases without the shift, before and after: what tuning for the
+new regime costs on ordinary scans (the parent's rehearsal set, on by default, is there to keep it small).
+
 Last line: before=<Dice> after=<Dice> cases=<tuning cases> seconds=<fine-tuning wall time>
 """
 
@@ -87,6 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--parent-weight", type=float, default=None,
                         help="share of the parent's weights in the written model (default: the product's)")
     parser.add_argument("--optimizer", default=None, help="adam or radam (default: the product's)")
+    parser.add_argument("--rehearsal", type=float, default=None,
+                        help="share of each batch from the parent's rehearsal set (default: the product's)")
+    parser.add_argument("--device", default="cpu", help="where fine-tuning runs (scoring runs on the CPU)")
     parser.add_argument("--eval-cases", type=int, default=10, help="shifted scoring cases (default 10)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dataset", default=str(DATASET))
@@ -105,24 +111,31 @@ def main(argv=None) -> int:
         scoring_ids = sorted(p.name[: -len(".nii.gz")] for p in (dataset / "labelsTr").glob("*.nii.gz")
                              if p.name[: -len(".nii.gz")] not in excluded)
     scoring = [case(dataset, case_id, args.shift) for case_id in scoring_ids[: args.eval_cases]]
+    unshifted = [(read_image(dataset / "imagesTr" / f"{case_id}_0000.nii.gz"),
+                  read_labelmap(dataset / "labelsTr" / f"{case_id}.nii.gz")) for case_id in scoring_ids[: args.eval_cases]]
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as folder:
         cases_dir = Path(folder) / "cases"
         for case_id in TUNING_CASES:
             image, reference = case(dataset, case_id, args.shift)
             add_case(cases_dir, image, reference, parent.checkpoint, case_name=case_id, model_name=parent.name)
         output = Path(folder) / f"{parent.name}-ft.pt"
-        overrides = {name: getattr(args, name) for name in ("parent_weight", "optimizer")
+        overrides = {name: getattr(args, name) for name in ("parent_weight", "optimizer", "rehearsal")
                      if getattr(args, name) is not None}  # else the product's defaults
         started = time.perf_counter()
         result = fine_tune(FineTuneConfig(model=args.model, dataset_dir=str(cases_dir), output=str(output),
                                           budget_s=args.budget_s, max_iterations=args.max_iterations, lr=args.lr,
-                                          device="cpu", threads=args.threads, **overrides))
+                                          device=args.device, threads=args.threads, **overrides))
         seconds = time.perf_counter() - started
         before = mean_dice(parent.checkpoint, scoring, labels, args.threads)
         after = mean_dice(output, scoring, labels, args.threads)
+        # what tuning for the new regime costs on ordinary scans (the same cases, unshifted)
+        plain_before = mean_dice(parent.checkpoint, unshifted, labels, args.threads)
+        plain_after = mean_dice(output, unshifted, labels, args.threads)
     print(f"shift {args.shift}: fine-tuned on {len(result.tuned_on)} case(s) ({result.iterations} iterations), "
           f"its own check on {result.held_out}: {result.mean_before:.3f} -> {result.mean_after:.3f}; "
           f"scoring on {len(scoring)} shifted case(s) no model trained on")
+    print(f"the same {len(unshifted)} case(s) unshifted: {plain_before:.4f} -> {plain_after:.4f}; rehearsal: "
+          f"{(result.metadata.training['fine_tuning'].get('rehearsal') or {}).get('cases', 0)} case(s) of the parent's")
     print(f"before={before:.4f} after={after:.4f} cases={len(TUNING_CASES)} seconds={seconds:.1f}")
     return 0
 

@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parent-weight", type=float, default=None,
                         help="share of the parent's weights in the written model, in [0, 1) (weight-space "
                              "ensembling of parent and tuned weights; default 0: the tuned weights)")
+    parser.add_argument("--rehearsal", type=float, default=None,
+                        help="share of each batch drawn from the parent's own training cases shipped beside it "
+                             "(<checkpoint>.rehearsal.npz), in [0, 1); default 0.5 when the parent has them; "
+                             "0 tunes on your cases alone")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -51,7 +55,7 @@ def config_from_args(args: argparse.Namespace):
                              f"Pass a positive --{name.replace('_', '-')}.")
     if not args.lr > 0:
         raise InputError(f"--lr must be positive, got {args.lr}.", "Use the default 3e-4.")
-    extra = {name: getattr(args, name) for name in ("parent_weight", "optimizer") if getattr(args, name) is not None}
+    extra = {name: getattr(args, name) for name in ("parent_weight", "optimizer", "rehearsal") if getattr(args, name) is not None}
     return FineTuneConfig(model=args.model, dataset_dir=args.dataset, output=args.output, budget_s=args.budget_s,
                           max_iterations=args.max_iterations, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                           device=args.device, threads=args.threads, overwrite=args.overwrite, **extra)
