@@ -134,6 +134,8 @@ def test_the_shipped_set_belongs_to_the_shipped_first_fold(metadata):
       "image_0": np.zeros((3, 3, 3), np.float32), "label_0": np.zeros((3, 3, 3), np.uint8)}, "label values"),
     ({"card": np.array(json.dumps(card(case_ids=["a"], spacing=[0.5, 1.0, 1.0]))),
       "image_0": np.zeros((3, 3, 3), np.float32), "label_0": np.zeros((3, 3, 3), np.uint8)}, "spacing"),
+    ({"card": np.array(json.dumps(card(case_ids=["a"], spacing=[1.0, 1.0]))),
+      "image_0": np.zeros((3, 3, 3), np.float32), "label_0": np.zeros((3, 3, 3), np.uint8)}, "spacing"),
     ({"card": np.array(json.dumps(card(case_ids=["a"]))), "image_0": np.full((3, 3, 3), np.nan, np.float32),
       "label_0": np.zeros((3, 3, 3), np.uint8)}, "NaN"),
     ({"card": np.array(json.dumps(card(case_ids=["a"]))), "image_0": np.zeros((3, 3, 3), np.float32),

@@ -148,7 +148,7 @@ def read(path, metadata, max_voxels: int = MAX_TOTAL_VOXELS) -> RehearsalSet:
     if sorted(card["label_values"]) != model_values:
         raise SchemaError(f"{source}: made for label values {card['label_values']}, the model has {model_values}.",
                           _FIX, field="label_values")
-    if len(card["spacing"]) != spatial_dims or any(
+    if len(card["spacing"]) != len(metadata.target_spacing) or any(
             abs(a - float(b)) > 1e-3 * float(b) for a, b in zip(card["spacing"], metadata.target_spacing)):
         raise SchemaError(f"{source}: made at spacing {card['spacing']}, the model works at "
                           f"{list(metadata.target_spacing)}.", _FIX, field="spacing")
