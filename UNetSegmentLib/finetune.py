@@ -401,7 +401,7 @@ def _tune(parent: Parent, images: Sequence[np.ndarray], labels: Sequence[np.ndar
     augmenter = Augmenter(patch_size, metadata.target_spacing, seed=config.seed) if config.augment else None
     sample_size = augmenter.input_size if augmenter else patch_size
     sampler = make_sampler("foreground", list(zip(images, labels)), sample_size, seed=config.seed)
-    if replay is not None and config.rehearsal > 0:
+    if replay is not None:
         rehearsal_sampler = make_sampler("foreground", list(zip(replay.images, replay.labels)), sample_size,
                                          seed=config.seed + 1)
         sampler = MixedSampler(sampler, rehearsal_sampler, config.rehearsal, seed=config.seed + 2)

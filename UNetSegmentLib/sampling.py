@@ -23,6 +23,13 @@ def _as_channels_first(image: np.ndarray, label: np.ndarray) -> np.ndarray:
     return image
 
 
+def _stack(patches) -> tuple[np.ndarray, np.ndarray]:
+    """(images (B, C, *patch) float32, labels (B, *patch) int64) from `sample()` results."""
+    images = np.stack([p[0] for p in patches]).astype(np.float32, copy=False)
+    labels = np.stack([p[1] for p in patches]).astype(np.int64, copy=False)
+    return images, labels
+
+
 class PatchSampler:
     """Uniformly random patches. `cases` are (image (C, *spatial) or (*spatial), label (*spatial)).
 
@@ -74,10 +81,7 @@ class PatchSampler:
 
     def sample_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(images (B, C, *patch) float32, labels (B, *patch) int64)."""
-        patches = [self.sample() for _ in range(batch_size)]
-        images = np.stack([p[0] for p in patches]).astype(np.float32, copy=False)
-        labels = np.stack([p[1] for p in patches]).astype(np.int64, copy=False)
-        return images, labels
+        return _stack([self.sample() for _ in range(batch_size)])
 
 
 class UniformPatchSampler(PatchSampler):
@@ -136,11 +140,8 @@ class MixedSampler:
 
     def sample_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         from_secondary = min(max(0, batch_size - 1), int(np.floor(self.share * batch_size + self.rng.random())))
-        patches = ([self.secondary.sample() for _ in range(from_secondary)]
-                   + [self.primary.sample() for _ in range(batch_size - from_secondary)])
-        images = np.stack([p[0] for p in patches]).astype(np.float32, copy=False)
-        labels = np.stack([p[1] for p in patches]).astype(np.int64, copy=False)
-        return images, labels
+        return _stack([self.secondary.sample() for _ in range(from_secondary)]
+                      + [self.primary.sample() for _ in range(batch_size - from_secondary)])
 
 
 def make_sampler(name: str, cases, patch_size, seed: int = 0) -> PatchSampler:
