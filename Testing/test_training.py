@@ -148,3 +148,46 @@ def test_train_command(dataset, tmp_path, capsys):
                               "--folds", "3", "--device", "cpu", "--quiet", "--int8", "no"])
     assert train_command.run(args) == 0
     assert "int8" not in load_checkpoint(str(skipped)).metadata.training
+
+
+def test_3d_training_steps_run_channels_last_and_the_checkpoint_keeps_the_default_layout(dataset, tmp_path,
+                                                                                           monkeypatch):
+    from UNetSegmentLib import training
+    from UNetSegmentLib.checkpoint import load_payload_safely
+
+    layouts = []
+    real_step = training.train_step
+
+    def watching_step(model, network, *args, **kwargs):
+        weights = [p for p in network.parameters() if p.dim() == 5]
+        # (a 1x1x1 or single-input-channel kernel is both layouts at once)
+        layouts.append(all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights)
+                       and not all(p.is_contiguous() for p in weights))
+        return real_step(model, network, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", watching_step)
+    output = tmp_path / "model.pt"
+    train(tiny_config(dataset, output))
+    assert layouts == [True, True, True]
+    state = load_payload_safely(output)["state_dict"]
+    assert all(tensor.is_contiguous() for tensor in state.values())
+
+
+def test_training_layout_leaves_2d_networks_and_gpus_alone_and_converts_back():
+    from UNetSegmentLib.networks import build_network
+    from UNetSegmentLib.training import set_training_layout
+
+    flat = build_network("unet", 2, 1, 2, features=4, levels=2)
+    assert set_training_layout(flat, "cpu", training=True) is flat
+    assert all(p.is_contiguous() for p in flat.parameters())
+    volume = build_network("unet", 3, 1, 2, features=4, levels=2)
+    kernels = [p for p in volume.parameters() if p.dim() == 5]
+    before = [p.detach().clone() for p in kernels]
+    set_training_layout(volume, "meta", training=True)  # not the CPU: untouched
+    assert all(p.is_contiguous() for p in kernels)
+    set_training_layout(volume, "cpu", training=True)
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in kernels)
+    assert not all(p.is_contiguous() for p in kernels)
+    set_training_layout(volume, "cpu", training=False)
+    assert all(p.is_contiguous() for p in kernels)
+    assert all(torch.equal(p, q) for p, q in zip(kernels, before))

@@ -392,11 +392,11 @@ def _tune(parent: Parent, images: Sequence[np.ndarray], labels: Sequence[np.ndar
     from .augmentation import Augmenter
     from .losses import DeepSupervisionLoss, DiceCELoss
     from .sampling import MixedSampler, make_sampler
-    from .training import poly_learning_rate, train_step
+    from .training import poly_learning_rate, set_training_layout, train_step
 
     metadata = parent.metadata
     torch.manual_seed(config.seed)
-    network = _network(parent, device, deep_supervision=True)
+    network = set_training_layout(_network(parent, device, deep_supervision=True), device, training=True)
     patch_size = tuple(int(p) for p in metadata.patch_size)
     augmenter = Augmenter(patch_size, metadata.target_spacing, seed=config.seed) if config.augment else None
     sample_size = augmenter.input_size if augmenter else patch_size
@@ -433,7 +433,7 @@ def _tune(parent: Parent, images: Sequence[np.ndarray], labels: Sequence[np.ndar
         total = max(iteration, min(config.max_iterations, iteration + int(max(0.0, budget_s - elapsed) / per_step)))
         if progress is not None:
             progress(Progress(iteration, total, elapsed, per_step * (total - iteration), stage, round(recent, 4)))
-    network.eval()
+    network = set_training_layout(network, device, training=False).eval()
     if config.parent_weight > 0:
         blend_with_parent(network, parent.state_dict, config.parent_weight)
     return network, iteration

@@ -202,6 +202,21 @@ def resolve_device(name: str):
     return device
 
 
+def set_training_layout(network, device, training: bool):
+    """Channels-last (NDHWC) weights while a 3D network trains on the CPU; the default layout otherwise.
+
+    oneDNN's 3D convolution backward is faster in channels-last (bench/training_memory_format.py), with
+    the same gradients up to float rounding. Inference gained nothing from it (docs/inference.md) and GPUs
+    were not measured, so validation, checkpoints and everything after training keep the default layout.
+    """
+    import torch
+
+    is_3d = any(isinstance(module, torch.nn.Conv3d) for module in network.modules())
+    if training and is_3d and torch.device(device).type == "cpu":
+        return network.to(memory_format=torch.channels_last_3d)
+    return network.to(memory_format=torch.contiguous_format) if is_3d else network
+
+
 def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: dict[int, str]) -> dict[str, float]:
     """Dice of each foreground label; 1.0 when a label is absent from both."""
     scores = {}
@@ -318,7 +333,7 @@ def _train(config: TrainingConfig, context: distributed.DistributedContext, prog
                   f"Training {config.architecture}", training=True)
     network = build_network(config.architecture, spatial_dims, 1, len(info.labels), **network_kwargs)
     network = distributed.prepare_network(network, device.type) if context.distributed else network
-    network = network.to(device)
+    network = set_training_layout(network.to(device), device, training=True)
     loss_function = DeepSupervisionLoss(DiceCELoss())
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -388,7 +403,7 @@ def _train(config: TrainingConfig, context: distributed.DistributedContext, prog
     if not epoch_losses:
         raise InputError("Training stopped before its first iteration.", "Raise --time-budget.")
 
-    network.eval()
+    network = set_training_layout(network, device, training=False).eval()
     validation_dice = validate(network, [normalized[i] for i in validation], [cases[i].label for i in validation],
                                info.labels, patch_size, config.validation_overlap, device,
                                progress if context.is_main else None, cancel, context=context)
