@@ -55,6 +55,8 @@ def two_ranks(dataset, tmp_path_factory):
                                      "records": str(records)}, timeout=600)
     assert all(r.returncode == 0 for r in results), report(results)
     ranks = [json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, result in zip(ranks, results):  # launch() returns the ranks in order
+        rank["stderr"] = result.stderr
     return output, ranks[0], ranks[1]
 
 
@@ -72,6 +74,12 @@ def test_only_rank_zero_writes_and_logs(two_ranks):
     assert {name[1:].rsplit(".", 2)[0] for name in first["written"]} == {"model.pt", "model.pt.resume"}
     assert sorted(p.name for p in output.iterdir()) == ["model.pt", "model.pt.resume"]
     assert first["info_records"] > 0 and second["info_records"] == 0
+
+
+def test_ddp_gradients_keep_the_bucket_layout(two_ranks):
+    # single-process CPU training runs channels-last; under DDP that would make every step copy gradients
+    _, first, second = two_ranks
+    assert "Grad strides do not match" not in first["stderr"] + second["stderr"]
 
 
 def test_loss_and_validation_agree_on_every_rank(two_ranks):

@@ -333,7 +333,8 @@ def _train(config: TrainingConfig, context: distributed.DistributedContext, prog
                   f"Training {config.architecture}", training=True)
     network = build_network(config.architecture, spatial_dims, 1, len(info.labels), **network_kwargs)
     network = distributed.prepare_network(network, device.type) if context.distributed else network
-    network = set_training_layout(network.to(device), device, training=True)
+    # not under DDP: its gradient buckets keep the default strides (it warns and copies every step otherwise)
+    network = set_training_layout(network.to(device), device, training=not context.distributed)
     loss_function = DeepSupervisionLoss(DiceCELoss())
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
