@@ -9,6 +9,7 @@ import SimpleITK as sitk
 
 from UNetSegmentLib import io
 from UNetSegmentLib.errors import ImageReadError, InputError
+from UNetSegmentLib.schema import MAX_INFO_CHARS
 
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -185,10 +186,12 @@ def test_read_dataset_decathlon_and_nnunet_v2(tmp_path):
         _write_case(msd / "labelsTr", f"{case}.nii.gz")
     (msd / "dataset.json").write_text(json.dumps({
         "name": "Liver", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"},
+        "licence": "CC-BY-SA 4.0", "reference": "x" * 10_000,
         "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
                      for c in ("liver_1", "liver_2")]}))
     dataset = io.read_dataset(msd)
     assert dataset.modality == "CT" and dataset.labels == {0: "background", 1: "liver"}
+    assert dataset.licence == "CC-BY-SA 4.0" and dataset.reference == "x" * MAX_INFO_CHARS  # bounded for cards
     assert [case.case_id for case in dataset.cases] == ["liver_1", "liver_2"]
     assert all(case.image_path.is_file() and case.label_path.is_file() for case in dataset.cases)
 
@@ -198,9 +201,11 @@ def test_read_dataset_decathlon_and_nnunet_v2(tmp_path):
     _write_case(v2 / "imagesTr", "case_0000.nii.gz")
     _write_case(v2 / "labelsTr", "case.nii.gz")
     (v2 / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "T2"}, "labels": {"background": 0, "prostate": 1}, "file_ending": ".nii.gz"}))
+        "channel_names": {"0": "T2"}, "labels": {"background": 0, "prostate": 1}, "file_ending": ".nii.gz",
+        "licence": {"not": "text"}, "license": "CC0", "reference": 7}))
     dataset = io.read_dataset(v2)
     assert dataset.modality == "T2" and dataset.labels == {0: "background", 1: "prostate"}
+    assert dataset.licence == "CC0" and dataset.reference is None  # nnU-Net v2's spelling; non-text is no text
     assert [(c.case_id, c.image_path.name) for c in dataset.cases] == [("case", "case_0000.nii.gz")]
     os.remove(v2 / "imagesTr" / "case_0000.nii.gz")
     with pytest.raises(InputError, match="missing"):

@@ -19,6 +19,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -435,6 +436,8 @@ class Dataset:
     labels: dict[int, str]  # value -> name, background 0 included
     modality: str  # "CT", "MR", ... (the first channel's)
     channels: dict[int, str] = field(default_factory=dict)
+    licence: Optional[str] = None  # dataset.json's "licence" (Decathlon) or "license" (nnU-Net v2)
+    reference: Optional[str] = None
 
 
 def read_dataset(folder) -> Dataset:
@@ -489,4 +492,5 @@ def read_dataset(folder) -> Dataset:
     if missing:
         raise InputError(f"{len(missing)} dataset files are missing, e.g. {missing[0]}.",
                          "Check imagesTr/ and labelsTr/ against dataset.json.")
-    return Dataset(folder, fields["name"] or folder.name, cases, labels, modality, channels)
+    return Dataset(folder, fields["name"] or folder.name, cases, labels, modality, channels, fields["licence"],
+                   fields["reference"])

@@ -223,15 +223,11 @@ def from_training_cases(checkpoint, dataset_dir, count: int, seed: int = 0, outp
                             exclude_cases=tuple(case for case in every if case not in chosen))
     cases, spacing = load_training_cases(config, info)
     images = [preprocessing.normalize(case.image, metadata.normalization) for case in cases]
-    description = json.loads((Path(dataset_dir) / "dataset.json").read_text(encoding="utf-8"))  # validated above
     card = {"case_ids": [case.case_id for case in training_cases_of(info, config)],
             "spacing": [float(s) for s in spacing],
             "label_values": sorted(label.value for label in metadata.labels if label.value != 0),
-            "dataset": info.name, "licence": _text(description.get("licence") or description.get("license")),
-            "reference": _text(description.get("reference")), "normalization": metadata.normalization.scheme,
+            "dataset": info.name, "licence": info.licence,
+            "reference": info.reference, "normalization": metadata.normalization.scheme,
             "seed": int(seed), "source_checkpoint_sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()}
     return write(output or path_for(checkpoint), images, [case.label for case in cases], card, overwrite)
 
-
-def _text(value: Any) -> Optional[str]:
-    return value if isinstance(value, str) else None

@@ -17,6 +17,7 @@ from .errors import MetadataError, SchemaError
 MAX_LABELS = 256  # labelmaps are written as uint8
 MAX_PATCH = 4096
 MAX_CHANNELS = 64
+MAX_INFO_CHARS = 4096  # a dataset's licence / reference text travels into model cards
 SAMPLERS = ("sliding_window", "topk")
 NORMALIZATION_SCHEMES = ("ct", "zscore")
 
@@ -238,7 +239,8 @@ def _digit_key(text: Any) -> bool:
 
 
 def validate_dataset(data: Any, source: str = "dataset.json") -> dict:
-    """{'name', 'labels' {int: str}, 'channels' {int: str}, 'file_ending', 'training' [(image|None, label)]}."""
+    """{'name', 'labels' {int: str}, 'channels' {int: str}, 'file_ending', 'training' [(image|None, label)],
+    'licence', 'reference'}; the last two are informational, so a value that is not text reads as None."""
     check = Checker(str(source), SchemaError, "Fix dataset.json (see the Medical Segmentation Decathlon layout).")
     if not isinstance(data, dict):
         raise SchemaError(f"{source} must hold a JSON object, not {_show(data)}.",
@@ -246,6 +248,9 @@ def validate_dataset(data: Any, source: str = "dataset.json") -> dict:
     out: dict[str, Any] = {}
     name = data.get("name")
     out["name"] = None if name is None else check.string("name", name)
+    for key, spellings in (("licence", ("licence", "license")), ("reference", ("reference",))):
+        value = next((data[spelling] for spelling in spellings if isinstance(data.get(spelling), str)), None)
+        out[key] = None if value is None else value[:MAX_INFO_CHARS]
     if "labels" not in data:
         check.fail("labels", "present", shown=False, fix=_LABELS_FIX)
     raw = check.mapping("labels", data["labels"], _LABELS_FIX)
