@@ -1,9 +1,9 @@
 """Seconds per training step with the default (NCDHW) layout against channels-last (NDHWC), same process.
 
-    .venv/bin/python bench/training_memory_format.py [--threads 2] [--steps 6] [--rounds 4]
+    bash .ci/with-venv python bench/training_memory_format.py [--threads 2] [--steps 6] [--rounds 4]
 
 The step is the hippocampus recipe's: the shipped model's architecture (deep supervision on), batch 2
-of 40 x 56 x 40 patches, Dice + CE, backward, Adam. The two layouts alternate step by step in one
+of 40 x 56 x 40 patches, Dice + CE, backward, Adam. The two layouts alternate round by round in one
 process, so load from elsewhere on the machine hits both alike; the fastest round of each is kept.
 It also checks that both layouts compute the same thing: from identical weights and batch, each
 layout's float32 gradients are compared with a float64 computation (relative L2 error), so the
@@ -37,11 +37,11 @@ def main() -> None:
 
     import torch
 
-    from UNetSegmentLib.checkpoint import build_model, load_checkpoint
+    from UNetSegmentLib.checkpoint import build_model, read_checkpoint_metadata
     from UNetSegmentLib.losses import DeepSupervisionLoss, DiceCELoss
 
     torch.set_num_threads(args.threads)
-    metadata = load_checkpoint(MODEL, device="cpu").metadata
+    metadata = read_checkpoint_metadata(MODEL)
     metadata = replace(metadata, architecture_kwargs=dict(metadata.architecture_kwargs, deep_supervision=True))
     patch = tuple(int(p) for p in metadata.patch_size)
     generator = torch.Generator().manual_seed(0)
