@@ -1039,9 +1039,35 @@ def test_generated_checkpoint_metadata_is_validated_field_by_field():
             assert all(isinstance(p, int) and p > 0 for p in metadata.patch_size)
             assert len(metadata.target_spacing) == 3 and all(s > 0 for s in metadata.target_spacing)
             assert [label.value for label in metadata.labels] == list(range(len(metadata.labels)))
+            assert all(label.name.isprintable() for label in metadata.labels)  # what Slicer will show
 
     check()
     TRIED["CLI"].add("generated_checkpoint_metadata")
+
+
+@pytest.mark.parametrize("character", ["\x00", "\n", "\x1b", "\x85", "\u202e", "\u2066", "\u200f"])
+def test_label_names_that_would_show_differently_than_stored_are_refused(tmp_path, character):
+    """A NUL cuts a segment name short in VTK/Qt; a right-to-left override makes 'liver' read as another
+    name on screen. Label names reach Segment Editor from dataset.json and from checkpoint cards."""
+    import json
+
+    from UNetSegmentLib.io import read_dataset
+    from UNetSegmentLib.metadata import ModelMetadata
+
+    document = _valid_metadata_dict()
+    document["labels"][1]["name"] = f"rev{character}lit"
+    with pytest.raises(errors.CheckpointError, match=f"U\\+{ord(character):04X}") as refused:
+        ModelMetadata.from_dict(document, "hostile.pt")
+    assert "labels" in str(refused.value) and "Fix:" in str(refused.value)
+
+    folder = tmp_path / "hostile"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": f"rev{character}lit"},
+                                                     "licence": f"CC{character}0"}))
+    with pytest.raises(errors.SchemaError, match=f"labels.1.*U\\+{ord(character):04X}.*Remove the character"):
+        read_dataset(folder)
+    TRIED["CLI"].add("label_name_with_control_or_bidi_character")
 
 
 def test_generated_dataset_json_is_validated_field_by_field(tmp_path):
@@ -1065,7 +1091,10 @@ def test_generated_dataset_json_is_validated_field_by_field(tmp_path):
                      st.binary(max_size=40).map(lambda data: data.decode("latin-1"))))
     def check(text):
         (folder / "dataset.json").write_text(text, encoding="utf-8")
-        _check_document_outcome(lambda: read_dataset(folder), errors.InputError)
+        dataset = _check_document_outcome(lambda: read_dataset(folder), errors.InputError)
+        if dataset is not None:
+            assert all(name.isprintable() for name in dataset.labels.values())
+            assert all(text is None or "\u202e" not in text for text in (dataset.licence, dataset.reference))
 
     check()
     TRIED["CLI"].add("generated_dataset_json")

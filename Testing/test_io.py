@@ -202,10 +202,11 @@ def test_read_dataset_decathlon_and_nnunet_v2(tmp_path):
     _write_case(v2 / "labelsTr", "case.nii.gz")
     (v2 / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "T2"}, "labels": {"background": 0, "prostate": 1}, "file_ending": ".nii.gz",
-        "licence": {"not": "text"}, "license": "CC0", "reference": 7}))
+        "licence": {"not": "text"}, "license": "C\u202eC\x000", "reference": 7}))
     dataset = io.read_dataset(v2)
     assert dataset.modality == "T2" and dataset.labels == {0: "background", 1: "prostate"}
-    assert dataset.licence == "CC0" and dataset.reference is None  # nnU-Net v2's spelling; non-text is no text
+    # nnU-Net v2's spelling, with the characters that would show differently removed; non-text is no text
+    assert dataset.licence == "CC0" and dataset.reference is None
     assert [(c.case_id, c.image_path.name) for c in dataset.cases] == [("case", "case_0000.nii.gz")]
     os.remove(v2 / "imagesTr" / "case_0000.nii.gz")
     with pytest.raises(InputError, match="missing"):

@@ -93,7 +93,7 @@ def _validate_card(data: Any, source: str, count: int) -> dict:
         card["seed"] = check.integer("seed", data["seed"], 0)
     for key in ("dataset", "licence", "reference", "normalization", "source_checkpoint_sha256"):
         if key in data and data[key] is not None:
-            card[key] = check.string(key, data[key])
+            card[key] = check.string(key, data[key], multiline=True)
     return card
 
 

@@ -10,6 +10,7 @@ Importable without torch.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional
 
 from .errors import MetadataError, SchemaError
@@ -20,6 +21,24 @@ MAX_CHANNELS = 64
 MAX_INFO_CHARS = 4096  # a dataset's licence / reference text travels into model cards
 SAMPLERS = ("sliding_window", "topk")
 NORMALIZATION_SCHEMES = ("ct", "zscore")
+
+
+# Free text keeps tabs and line breaks but not the other control characters (a NUL ends the string in VTK
+# and Qt) nor the invisible bidirectional marks, overrides and isolates, which make text read differently
+# on screen than it is stored. Names (labels, fields, paths) must be printable throughout.
+_UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def without_unsafe_characters(text: str) -> str:
+    """Free text (a licence, a reference) with the characters that `Checker.string` refuses in text removed."""
+    return _UNSAFE_IN_TEXT.sub("", text)
+
+
+def _first_unsafe_character(value: str, multiline: bool) -> Optional[str]:
+    if multiline:
+        found = _UNSAFE_IN_TEXT.search(value)
+        return found.group() if found else None
+    return None if value.isprintable() else next(c for c in value if not c.isprintable())
 
 
 def _show(value: Any) -> str:
@@ -82,9 +101,13 @@ class Checker:
         return value
 
     def string(self, field: str, value: Any, choices: Optional[tuple] = None, non_empty: bool = False,
-               fix: Optional[str] = None) -> str:
+               fix: Optional[str] = None, multiline: bool = False) -> str:
         if not isinstance(value, str):
             self.fail(field, "a text string", value, fix)
+        unsafe = _first_unsafe_character(value, multiline)
+        if unsafe is not None:
+            self.fail(field, f"text without non-printing characters (found U+{ord(unsafe):04X})", value,
+                      "Remove the character: it would show differently than it is stored.")
         if non_empty and not value.strip():
             self.fail(field, "a non-empty text string", value, fix)
         if choices is not None and value not in choices:
@@ -200,7 +223,7 @@ def validate_metadata(data: Any, source: str = "checkpoint") -> dict:
     dice = check.mapping("validation_dice", data.get("validation_dice") or {})
     out["validation_dice"] = {check.string("validation_dice", name): check.number(f"validation_dice.{name}", score)
                               for name, score in dice.items()}
-    out["description"] = check.string("description", data.get("description") or "")
+    out["description"] = check.string("description", data.get("description") or "", multiline=True)
     preprocessing = data.get("preprocessing")
     if preprocessing is not None:  # issue 14: an imported model's own recipe (nnU-Net v2)
         from .interop.nnunet_plans import validate_recipe
@@ -250,7 +273,7 @@ def validate_dataset(data: Any, source: str = "dataset.json") -> dict:
     out["name"] = None if name is None else check.string("name", name)
     for key, spellings in (("licence", ("licence", "license")), ("reference", ("reference",))):
         value = next((data[spelling] for spelling in spellings if isinstance(data.get(spelling), str)), None)
-        out[key] = None if value is None else value[:MAX_INFO_CHARS]
+        out[key] = None if value is None else without_unsafe_characters(value)[:MAX_INFO_CHARS]
     if "labels" not in data:
         check.fail("labels", "present", shown=False, fix=_LABELS_FIX)
     raw = check.mapping("labels", data["labels"], _LABELS_FIX)
