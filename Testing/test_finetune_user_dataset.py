@@ -111,6 +111,31 @@ def test_cases_of_another_label_set_never_mix(tmp_path):
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("record, field", [
+    ("not an object", "unetsegment"),
+    ({"label_set": {"one": "anterior hippocampus"}}, "unetsegment.label_set.one"),
+    ({"label_set": {"1": "anterior\u202ehippocampus"}}, "unetsegment.label_set.1"),
+    ({"label_set": {"1": ["anterior hippocampus"]}}, "unetsegment.label_set.1"),
+    ({"cases": ["hippocampus_001"]}, "unetsegment.cases"),
+    ({"cases": {"hippocampus_001": 5}}, "unetsegment.cases.hippocampus_001"),
+    ({"model": {"name": "hippo"}}, "unetsegment.model"),
+])
+def test_an_edited_unetsegment_record_is_refused_by_field_and_nothing_is_written(tmp_path, record, field):
+    """dataset.json is the user's file: a record they (or a tool) damaged is named, never a crash."""
+    folder = tmp_path / "cases"
+    add_case(folder, *case("hippocampus_001"), model(), model_name="hippo")
+    manifest = json.loads((folder / "dataset.json").read_text())
+    manifest["unetsegment"] = record if not isinstance(record, dict) else dict(manifest["unetsegment"], **record)
+    (folder / "dataset.json").write_text(json.dumps(manifest))
+    before = snapshot(folder)
+    for attempt in (lambda: read_user_dataset(folder),
+                    lambda: add_case(folder, *case("hippocampus_003"), model(), model_name="hippo")):
+        with pytest.raises(InputError) as refused:
+            attempt()
+        assert f"'{field}'" in str(refused.value) and "Fix:" in str(refused.value)
+    assert snapshot(folder) == before
+
+
 def test_the_same_volume_is_replaced_only_when_asked(tmp_path):
     folder = tmp_path / "cases"
     image, reference = case("hippocampus_001")

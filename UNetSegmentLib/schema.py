@@ -261,6 +261,31 @@ def _digit_key(text: Any) -> bool:
     return isinstance(text, str) and text.strip().isdigit()
 
 
+def validate_user_record(data: Any, source: str = "dataset.json", key: str = "unetsegment") -> dict:
+    """The UNetSegment record of a user training set's dataset.json: {'label_set' {int: str} | None,
+    'modality' | None, 'model' | None, 'cases' {case id: {...}}}. The file is the user's to edit."""
+    fix = f"Fix the \"{key}\" record in dataset.json, or choose an empty folder for a new training set."
+    check = Checker(str(source), SchemaError, fix)
+    record = check.mapping(key, data.get(key, {}) if isinstance(data, dict) else {})
+    out: dict[str, Any] = {"label_set": None}
+    if record.get("label_set") is not None:
+        label_set = {}
+        for value, name in check.mapping(f"{key}.label_set", record["label_set"]).items():
+            if not _digit_key(value) or int(value) >= MAX_LABELS:
+                check.fail(f"{key}.label_set.{value}", f"keyed by label values 0..{MAX_LABELS - 1}", value)
+            label_set[int(value)] = check.string(f"{key}.label_set.{value}", name, non_empty=True)
+        out["label_set"] = label_set
+    for field in ("modality", "model"):
+        out[field] = None if record.get(field) is None else check.string(f"{key}.{field}", record[field])
+    cases = check.mapping(f"{key}.cases", record.get("cases") or {})
+    for case_id, case in cases.items():
+        check.mapping(f"{key}.cases.{case_id}", case)
+        if case.get("source_hash") is not None:
+            check.string(f"{key}.cases.{case_id}.source_hash", case["source_hash"])
+    out["cases"] = dict(cases)
+    return out
+
+
 def validate_dataset(data: Any, source: str = "dataset.json") -> dict:
     """{'name', 'labels' {int: str}, 'channels' {int: str}, 'file_ending', 'training' [(image|None, label)],
     'licence', 'reference'}; the last two are informational, so a value that is not text reads as None."""

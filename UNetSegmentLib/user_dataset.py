@@ -111,22 +111,20 @@ def read_user_dataset(folder) -> Optional[UserDataset]:
     manifest = folder / "dataset.json"
     if not manifest.is_file():
         return None
+    from .schema import validate_dataset, validate_user_record
+
     dataset = read_dataset(folder) if (folder / "labelsTr").is_dir() else None  # validates the manifest
     data = _read_manifest(manifest)
-    record = data.get(RECORD_KEY) if isinstance(data.get(RECORD_KEY), dict) else {}
+    record = validate_user_record(data, str(manifest), RECORD_KEY)
     if dataset is not None:
         labels = dict(dataset.labels)
         modality = dataset.modality
     else:
-        from .schema import validate_dataset
-
         fields = validate_dataset(data, str(manifest))
         labels, modality = fields["labels"], fields["channels"][min(fields["channels"])]
-    if isinstance(record.get("label_set"), dict):  # the model's own names (dataset.json may be edited)
-        labels = {int(value): str(name) for value, name in record["label_set"].items()}
-    cases = record.get("cases") if isinstance(record.get("cases"), dict) else {}
-    return UserDataset(folder, labels, str(record.get("modality") or modality), str(record.get("model") or ""),
-                       dict(cases))
+    if record["label_set"] is not None:  # the model's own names (dataset.json may be edited)
+        labels = record["label_set"]
+    return UserDataset(folder, labels, record["modality"] or modality, record["model"] or "", record["cases"])
 
 
 def _read_manifest(manifest: Path) -> dict:
