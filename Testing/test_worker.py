@@ -22,7 +22,7 @@ from scene_helpers import make_tiny_checkpoint  # noqa: E402
 
 from UNetSegmentLib.errors import Cancelled, CheckpointError, UNetSegmentError  # noqa: E402
 from UNetSegmentLib.pipeline import segment_image  # noqa: E402
-from UNetSegmentLib.worker import WorkerJob, run_worker  # noqa: E402
+from UNetSegmentLib.worker import CommandJob, WorkerJob, run_worker  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -131,4 +131,58 @@ def test_crashed_worker_is_reported_not_raised(tmp_path, tiny):
     os.kill(job.pid, signal.SIGKILL)
     assert job.wait(timeout=10)
     assert isinstance(job.error, UNetSegmentError) and "SIGKILL" in str(job.error) and "Fix:" in str(job.error)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _ScriptJob(CommandJob):
+    """The real client (files, polling, clean-up) reading a stand-in worker that prints what `script` prints."""
+
+    def __init__(self, script: str, temp_root):
+        super().__init__([], temp_root=temp_root)
+        self.script = script
+
+    def command(self) -> list:
+        return [sys.executable, "-c", self.script]
+
+
+HOSTILE_OUTPUT = r'''
+import json, sys
+out = sys.stdout
+out.write(json.dumps({"event": "progress", "done": 3, "total": 9, "elapsed_s": 1.0, "remaining_s": 2.0}) + "\n")
+out.write('{"event": "progress", "done": "many", "total": 9, "elapsed_s": 1.0}\n')
+out.write('{"event": "progress", "done": Infinity, "total": 9, "elapsed_s": 1.0}\n')
+out.write('{"event": "progress", "done": 4, "total": 9, "elapsed_s": NaN}\n')
+out.write('{"event": "progress", "done": [1], "total": {}, "elapsed_s": 1.0}\n')
+out.write('{"event": "note", "text": "' + "x" * (3 << 20) + '"}\n')  # one line longer than any event of ours
+out.write("a library's chatter\n" * 200000)
+out.write('{"event": "note", "text": "kept"}\n')
+out.write(json.dumps({"event": "result", "answer": 42}) + "\n")
+out.flush()
+sys.stderr.write("noise\n" * 2000000 + "the last words\n")
+'''
+
+
+def test_hostile_worker_output_is_bounded_and_malformed_events_are_ignored(tmp_path):
+    job = _ScriptJob(HOSTILE_OUTPUT, tmp_path).start()
+    assert job.wait(timeout=60)
+    assert job.error is None and job.result["answer"] == 42
+    assert (job.progress.done, job.progress.total, job.progress.remaining_s) == (3, 9, 2.0)
+    assert job.notes == ["kept"]  # the 3 MiB "note" was dropped whole, not half-parsed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_that_floods_its_log_and_dies_reports_only_the_tail(tmp_path):
+    job = _ScriptJob("import sys; sys.stderr.write('noise\\n' * 3000000 + 'the last words\\n'); sys.exit(3)",
+                     tmp_path).start()
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        assert job.wait(timeout=60)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"reading the 18 MB log took {peak / 2 ** 20:.1f} MiB"  # the tail only
+    message = str(job.error)
+    assert "the last words" in message and "exit code 3" in message and len(message) < 2000, message[:300]
     assert list(tmp_path.iterdir()) == []

@@ -36,10 +36,9 @@ class FineTuneJob(CommandJob):
             command += ["--max-iterations", str(int(self.max_iterations))]
         return command
 
-    def _handle(self, line: str) -> None:
-        super()._handle(line)
-        event = self._events[-1] if self._events else None
-        if isinstance(event, dict) and event.get("event") == "progress" and event.get("loss") is not None:
+    def _apply(self, event: dict) -> None:
+        super()._apply(event)
+        if event.get("event") == "progress" and event.get("loss") is not None:
             self.loss = float(event["loss"])
 
 

@@ -21,6 +21,7 @@ logs) is removed on every path. Importable without torch (the client runs in Sli
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -36,6 +37,11 @@ from .errors import Cancelled, UNetSegmentError
 PROTOCOL_VERSION = 1
 TERMINATE_GRACE_S = 3.0
 TEMP_PREFIX = "unetsegment-job-"
+# The client reads what a worker prints, and a library in the worker may print anything: reads, lines and
+# the log tail are bounded so that a flood (or one endless line) costs neither memory nor a frozen GUI.
+READ_CHUNK_BYTES = 4 << 20  # per poll
+MAX_PROTOCOL_LINE_BYTES = 1 << 20  # our events are a few kB; a longer line is not one of ours
+LOG_TAIL_BYTES = 64 << 10
 _LIBRARY_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -167,8 +173,10 @@ class WorkerJob:
         self.folder: Optional[Path] = None
         self.process: Optional[subprocess.Popen] = None
         self._offset = 0
-        self._pending = ""
-        self._events: list = []
+        self._pending = b""
+        self._skipping_long_line = False
+        self._result_event: Optional[dict] = None
+        self._error_event: Optional[dict] = None
         self._finished = False
         self._started_at = 0.0
         self._stdout = self._stderr = None
@@ -235,7 +243,7 @@ class WorkerJob:
         self._read_lines()
         if exit_code is None:
             return False
-        self._read_lines()
+        self._read_lines(to_end=True)
         self._finish(exit_code)
         return True
 
@@ -270,19 +278,28 @@ class WorkerJob:
             process.kill()
             process.wait()
 
-    def _read_lines(self) -> None:
+    def _read_lines(self, to_end: bool = False) -> None:
+        """The new complete lines, at most READ_CHUNK_BYTES per call unless `to_end` (after the exit)."""
         path = self.folder / "worker.jsonl"
-        try:
-            with open(path, "rb") as stream:
-                stream.seek(self._offset)
-                chunk = stream.read()
-        except OSError:
-            return
-        self._offset += len(chunk)
-        text = self._pending + chunk.decode("utf-8", errors="replace")
-        *lines, self._pending = text.split("\n")
-        for line in lines:
-            self._handle(line)
+        while True:
+            try:
+                with open(path, "rb") as stream:
+                    available = os.fstat(stream.fileno()).st_size - self._offset
+                    stream.seek(self._offset)
+                    chunk = stream.read(max(0, min(available, READ_CHUNK_BYTES)))
+            except OSError:
+                return
+            self._offset += len(chunk)
+            *lines, self._pending = (self._pending + chunk).split(b"\n")
+            for line in lines:
+                if self._skipping_long_line:  # the end of a line that was too long: dropped with its start
+                    self._skipping_long_line = False
+                elif len(line) <= MAX_PROTOCOL_LINE_BYTES:
+                    self._handle(line.decode("utf-8", errors="replace"))
+            if len(self._pending) > MAX_PROTOCOL_LINE_BYTES:
+                self._pending, self._skipping_long_line = b"", True
+            if not to_end or len(chunk) < READ_CHUNK_BYTES:
+                return
 
     def _handle(self, line: str) -> None:
         try:
@@ -291,11 +308,23 @@ class WorkerJob:
             return  # a stray print from a library: not part of the protocol
         if not isinstance(event, dict):
             return
-        self._events.append(event)
+        try:
+            self._apply(event)
+        except (TypeError, ValueError, OverflowError):
+            return  # a line that looks like an event but whose fields are not: ignored like stray text
+        if event.get("event") == "result" and self._result_event is None:
+            self._result_event = event
+        elif event.get("event") == "error" and self._error_event is None:
+            self._error_event = event
+
+    def _apply(self, event: dict) -> None:
+        """Updates what the GUI reads from one event; raises TypeError/ValueError on malformed fields."""
         kind = event.get("event")
         if kind == "progress":
+            remaining = event.get("remaining_s")
             self.progress = WorkerProgress(int(event.get("done", 0)), int(event.get("total", 0)),
-                                           float(event.get("elapsed_s", 0.0)), event.get("remaining_s"),
+                                           _finite(event.get("elapsed_s", 0.0)),
+                                           None if remaining is None else _finite(remaining),
                                            str(event.get("stage", "inference")))
         elif kind == "stage":
             self.stage = str(event.get("stage"))
@@ -304,8 +333,7 @@ class WorkerJob:
 
     def _finish(self, exit_code: int) -> None:
         try:
-            result = next((e for e in self._events if e.get("event") == "result"), None)
-            error = next((e for e in self._events if e.get("event") == "error"), None)
+            result, error = self._result_event, self._error_event
             if exit_code == 0 and result is not None:
                 self.result = self._load_result(result)
             elif error is not None:
@@ -341,7 +369,9 @@ class WorkerJob:
 
     def _log_tail(self, lines: int = 3) -> str:
         try:
-            text = (self.folder / "worker.log").read_text(errors="replace").strip().splitlines()
+            with open(self.folder / "worker.log", "rb") as stream:
+                stream.seek(max(0, stream.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+                text = stream.read().decode("utf-8", errors="replace").strip().splitlines()
         except OSError:
             return ""
         tail = " | ".join(line.strip() for line in text[-lines:] if line.strip())
@@ -413,6 +443,13 @@ class CommandJob(WorkerJob):
         result = {key: value for key, value in event.items() if key != "event"}
         result["wall_seconds"] = time.perf_counter() - self._started_at
         return result
+
+
+def _finite(value) -> float:
+    number = float(value)
+    if not math.isfinite(number):  # JSON admits NaN and Infinity
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
 
 
 def describe_exit(exit_code: int) -> str:
