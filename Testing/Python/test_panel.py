@@ -398,7 +398,10 @@ def test_runtime_and_threads_reach_the_worker_and_openvino_is_installed_only_whe
     assert (parameters.runtime, parameters.threads) == ("torch", 1)
     panel.ui.segmentButton.click()
     wait_until_idle(panel)
-    assert "(torch fp32, 1 thread)" in panel.ui.statusLabel.text, panel.ui.statusLabel.text
+    from UNetSegmentLib.runtime.cpu import cpu_supports_bf16
+
+    precision = "bf16" if cpu_supports_bf16() else "fp32"  # precision auto: bf16 only on CPUs with bf16 units
+    assert f"(torch {precision}, 1 thread)" in panel.ui.statusLabel.text, panel.ui.statusLabel.text
 
     parameters.threads = 0
     parameters.leaveOneCoreFree = True  # every physical core but one (at least one)
@@ -430,7 +433,7 @@ def test_runtime_and_threads_reach_the_worker_and_openvino_is_installed_only_whe
     assert pip_calls == [runtime_options.OPENVINO_REQUIREMENT]
     wait_until_idle(panel)
     threads = max(1, runtime_options.physical_cores() - 1)
-    assert f"(openvino fp32, {threads} thread" in panel.ui.statusLabel.text, panel.ui.statusLabel.text
+    assert f"(openvino {precision}, {threads} thread" in panel.ui.statusLabel.text, panel.ui.statusLabel.text
 
 
 def test_openvino_pin_matches_the_project_environment():
