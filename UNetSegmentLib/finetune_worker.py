@@ -36,10 +36,10 @@ class FineTuneJob(CommandJob):
             command += ["--max-iterations", str(int(self.max_iterations))]
         return command
 
-    def _apply(self, event: dict) -> None:
-        super()._apply(event)
+    def _apply(self, event: dict, check) -> None:
+        super()._apply(event, check)
         if event.get("event") == "progress" and event.get("loss") is not None:
-            self.loss = float(event["loss"])
+            self.loss = check.number("loss", event["loss"])
 
 
 def model_to_select(result: Optional[dict], parent_path) -> str:

@@ -21,7 +21,6 @@ logs) is removed on every path. Importable without torch (the client runs in Sli
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -32,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .errors import Cancelled, UNetSegmentError
+from .errors import Cancelled, SchemaError, UNetSegmentError
+from .schema import Checker
 
 PROTOCOL_VERSION = 1
 TERMINATE_GRACE_S = 3.0
@@ -309,22 +309,23 @@ class WorkerJob:
         if not isinstance(event, dict):
             return
         try:
-            self._apply(event)
-        except (TypeError, ValueError, OverflowError):
+            self._apply(event, Checker("worker event", SchemaError))
+        except SchemaError:
             return  # a line that looks like an event but whose fields are not: ignored like stray text
         if event.get("event") == "result" and self._result_event is None:
             self._result_event = event
         elif event.get("event") == "error" and self._error_event is None:
             self._error_event = event
 
-    def _apply(self, event: dict) -> None:
-        """Updates what the GUI reads from one event; raises TypeError/ValueError on malformed fields."""
+    def _apply(self, event: dict, check: Checker) -> None:
+        """Updates what the GUI reads from one event; `check` raises SchemaError on malformed fields."""
         kind = event.get("event")
         if kind == "progress":
             remaining = event.get("remaining_s")
-            self.progress = WorkerProgress(int(event.get("done", 0)), int(event.get("total", 0)),
-                                           _finite(event.get("elapsed_s", 0.0)),
-                                           None if remaining is None else _finite(remaining),
+            self.progress = WorkerProgress(check.integer("done", event.get("done", 0), 0),
+                                           check.integer("total", event.get("total", 0), 0),
+                                           check.number("elapsed_s", event.get("elapsed_s", 0.0), low=0.0),
+                                           None if remaining is None else check.number("remaining_s", remaining),
                                            str(event.get("stage", "inference")))
         elif kind == "stage":
             self.stage = str(event.get("stage"))
@@ -443,13 +444,6 @@ class CommandJob(WorkerJob):
         result = {key: value for key, value in event.items() if key != "event"}
         result["wall_seconds"] = time.perf_counter() - self._started_at
         return result
-
-
-def _finite(value) -> float:
-    number = float(value)
-    if not math.isfinite(number):  # JSON admits NaN and Infinity
-        raise ValueError(f"{value!r} is not a finite number")
-    return number
 
 
 def describe_exit(exit_code: int) -> str:

@@ -129,7 +129,7 @@ def model_card_markdown(folder: str = MODEL_DIR) -> str:
         lines.append(f"| {metadata.training.get('fold')} | " + " | ".join(f"{v:.4f}" for v in scores)
                      + f" | {sum(scores) / len(scores):.4f} | {metadata.training.get('seconds', 0) / 60:.1f} min | "
                      f"{metadata.training.get('iterations')} | "
-                     f"{metadata.training.get('seconds', 0) / max(1, metadata.training.get('iterations') or 1):.3f} | "
+                     f"{metadata.training.get('seconds', 0) / max(1, metadata.training.get('iterations') or 0):.3f} | "
                      f"{metadata.training.get('threads')} |")
     int8 = [(m.training.get("fold"), m.training["int8"]) for m in folds if isinstance(m.training.get("int8"), dict)]
     if int8:
