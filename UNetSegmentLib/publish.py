@@ -17,6 +17,7 @@ import ctypes.util
 import datetime
 import errno
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -79,17 +80,25 @@ def _libc():
 _renameat2 = _libc()
 
 
+def _renameat2_noreplace(source: str, target: str) -> bool:
+    """True when moved; False when this system or file system has no RENAME_NOREPLACE; FileExistsError."""
+    if _renameat2 is None:
+        return False
+    result = _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EEXIST:
+        raise FileExistsError(code, os.strerror(code), target)
+    if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        raise OSError(code, os.strerror(code), target)
+    return False
+
+
 def _rename_noreplace(source: str, target: str) -> None:
     """Atomic move that raises FileExistsError if anything (even a dangling symlink) is at `target`."""
-    if _renameat2 is not None:
-        result = _renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE)
-        if result == 0:
-            return
-        code = ctypes.get_errno()
-        if code == errno.EEXIST:
-            raise FileExistsError(code, os.strerror(code), target)
-        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-            raise OSError(code, os.strerror(code), target)
+    if _renameat2_noreplace(source, target):
+        return
     try:
         os.link(source, target)  # fails with EEXIST whatever is there
     except FileExistsError:
@@ -154,6 +163,27 @@ def publish(temp, target, overwrite: bool = False, cancel=None) -> Path:
             os.replace(temp, target)
         else:
             _rename_noreplace(temp, str(target))
+    except FileExistsError:
+        raise already_exists_error(target) from None
+    except OSError as error:
+        raise from_os_error(error, "write", target) from None
+    return target
+
+
+def publish_folder(temp_folder, target, overwrite: bool = False) -> Path:
+    """Move a complete temp folder onto `target`. Without overwrite nothing that exists is replaced:
+    RENAME_NOREPLACE, else an exclusive `mkdir` claim that the rename then replaces (rename() replaces
+    only an empty folder, so anything put into the claim meanwhile makes it fail instead)."""
+    temp, target = str(temp_folder), Path(target)
+    try:
+        if overwrite and exists_or_link(target):
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        if not _renameat2_noreplace(temp, str(target)):
+            os.mkdir(target)
+            os.replace(temp, target)
     except FileExistsError:
         raise already_exists_error(target) from None
     except OSError as error:

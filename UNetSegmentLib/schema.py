@@ -100,6 +100,11 @@ class Checker:
             self.fail(field, f"a number in {low}..{high}", value, fix)
         return value
 
+    def boolean(self, field: str, value: Any, fix: Optional[str] = None) -> bool:
+        if not isinstance(value, bool):
+            self.fail(field, "true or false", value, fix)
+        return value
+
     def string(self, field: str, value: Any, choices: Optional[tuple] = None, non_empty: bool = False,
                fix: Optional[str] = None, multiline: bool = False) -> str:
         if not isinstance(value, str):
@@ -235,20 +240,21 @@ def validate_metadata(data: Any, source: str = "checkpoint") -> dict:
     return out
 
 
-def validate_state_dict(state_dict: Any, source: str = "checkpoint") -> None:
+def validate_state_dict(state_dict: Any, source: str = "checkpoint", field: str = "state_dict",
+                        fix: str = _REEXPORT) -> None:
     """Every entry a tensor under a text key (a non-tensor would fail deep inside load_state_dict)."""
-    check = Checker(str(source), MetadataError, _REEXPORT)
-    check.mapping("state_dict", state_dict)
+    check = Checker(str(source), MetadataError, fix)
+    check.mapping(field, state_dict)
     for key, value in state_dict.items():
         if not isinstance(key, str):
-            check.fail("state_dict", "keyed by parameter names (text)", key)
+            check.fail(field, "keyed by parameter names (text)", key)
         shape = getattr(value, "shape", None)
         try:
             valid = shape is not None and hasattr(value, "dim") and all(int(size) >= 0 for size in shape) and not isinstance(value, (str, bytes))
         except (TypeError, ValueError):
             valid = False
         if not valid:
-            check.fail(f"state_dict[{key!r}]", "a tensor", value)
+            check.fail(f"{field}[{key!r}]", "a tensor", value)
 
 
 # --- dataset.json -------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ pickled object is refused, so importing a file never runs code from it.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -24,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, MetadataError
 from ..metadata import LabelInfo, ModelMetadata, Normalization, canonical_modality, label_infos
+from ..schema import Checker, validate_state_dict
 from . import nnunet_plans
 
 CHECKPOINT_NAMES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
@@ -39,14 +39,21 @@ class Fold:
     payload: dict
 
 
+MAX_JSON_BYTES = 64 * 2 ** 20  # nnU-Net writes a few KB (plans) to a few MB (dataset.json with file lists)
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path.parent} has no {path.name}; it is not an nnU-Net v2 results folder.",
                               f"Point to the folder that holds {path.name}, plans.json and fold_*/ (e.g. "
                               "nnUNet_results/DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__3d_fullres).")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path} is {size / 2 ** 20:.0f} MB; nnU-Net's {path.name} is a few KB.",
+                                  f"Restore {what} from nnU-Net's output.")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}).", f"Restore {what} from nnU-Net's output.") \
             from None
     if not isinstance(data, dict):
@@ -95,6 +102,8 @@ def load_nnunet_checkpoint(path: Path) -> dict:
             or not payload["network_weights"]:
         raise CheckpointError(f"{path} holds no 'network_weights'; it is not an nnU-Net v2 checkpoint.",
                               "Point to nnU-Net's fold_*/checkpoint_final.pth files.")
+    validate_state_dict(payload["network_weights"], path, "network_weights",
+                        "Copy the fold's checkpoint again from the machine that trained it.")
     return payload
 
 
@@ -188,41 +197,80 @@ def _label_infos(pairs: list[tuple[int, str]]) -> list[LabelInfo]:
     return label_infos({value: name for value, name in pairs})  # Slicer GenericAnatomyColors where known
 
 
-def _target_spacing_xyz(plans: dict, recipe: dict) -> list[float]:
+def _target_spacing_xyz(plans: dict, recipe: dict, source: str) -> list[float]:
     """Plans spacing (transposed array order) -> SimpleITK (x, y, z); 2D configs take z from the median."""
     spacing = list(recipe["spacing"])
     if len(spacing) == 2:
-        median = plans.get("original_median_spacing_after_transp") or [1.0, 1.0, 1.0]
-        spacing = [float(median[0])] + spacing
+        spacing = [nnunet_plans.median_spacing(plans, source)[0]] + spacing
     backward = recipe["transpose_backward"]
     array_order = [spacing[a] for a in backward]
     return [float(s) for s in reversed(array_order)]
 
 
+def _checkpoint_fields(payload: dict, folder: Path, path: Path) -> tuple[str, str, list, Any]:
+    """Trainer, configuration, mirroring axes and epoch of an nnU-Net checkpoint, type-checked."""
+    check = Checker(str(path), MetadataError, "Copy the fold's checkpoint again as nnU-Net wrote it.")
+    trainer = check.string("trainer_name", payload.get("trainer_name", ""))
+    init_args = payload.get("init_args") if isinstance(payload.get("init_args"), dict) else {}
+    configuration = init_args.get("configuration") or folder.name.rsplit("__", 1)[-1]
+    check.string("init_args.configuration", configuration, non_empty=True)
+    axes = payload.get("inference_allowed_mirroring_axes") or []
+    axes = [check.integer(f"inference_allowed_mirroring_axes[{i}]", a, 0, 2)
+            for i, a in enumerate(check.sequence("inference_allowed_mirroring_axes", axes, maximum=3))]
+    epoch = payload.get("current_epoch")
+    if epoch is not None:
+        epoch = check.integer("current_epoch", epoch, 0)
+    return trainer, configuration, axes, epoch
+
+
+def _build_with_weights(kwargs: dict, spatial_dims: int, classes: int, weights: dict, path: Path, plans_source: str):
+    """The plans' network holding the fold's weights. It is first built on torch's meta device (nothing
+    allocated) and matched against the weights, so the real network is never larger than the checkpoint
+    already read; a plans file that describes a 60000-feature network fails here, not in the allocator."""
+    import torch
+
+    from ..networks import build_network
+
+    def build():
+        return build_network("nnunet", spatial_dims, 1, classes, **kwargs)
+
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"{plans_source}: the network it describes cannot be built "
+                              f"({str(error).splitlines()[0] if str(error) else type(error).__name__}).",
+                              nnunet_plans._REPAIR) from None
+    encoder = kwargs["encoder"]
+    convert_weights(weights, skeleton, encoder, str(path))  # refuses any name or shape the plans do not have
+    network = build()
+    network.load_state_dict(convert_weights(weights, network, encoder, str(path)), strict=True)
+    return network.eval()
+
+
 def build_members(folder, folds: Optional[Sequence[str]] = None, checkpoint: str = "final",
                   allow_trainers: Sequence[str] = ()) -> list[tuple[Any, ModelMetadata, str]]:
     """(network with imported weights, metadata, fold name) per fold; validates everything, writes nothing."""
-    from ..networks import build_network
-
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder} is not a folder.", "Point to an nnU-Net v2 results folder "
                          "(<Trainer>__<Plans>__<configuration>).")
+    dataset_source, plans_source = str(folder / "dataset.json"), str(folder / "plans.json")
     dataset = _read_json(folder / "dataset.json", "dataset.json")
     plans = _read_json(folder / "plans.json", "plans.json")
     fold_files = find_folds(folder, [str(f) for f in folds] if folds else None, checkpoint)
-    pairs = nnunet_plans.labels_from_dataset(dataset, str(folder / "dataset.json"))
-    channels = nnunet_plans.channel_names(dataset)
+    pairs = nnunet_plans.labels_from_dataset(dataset, dataset_source)
+    channels = nnunet_plans.channel_names(dataset, dataset_source)
     if len(channels) != 1:
-        raise CheckpointError(f"{folder / 'dataset.json'} lists {len(channels)} input channels; UNetSegment "
+        raise CheckpointError(f"{dataset_source} lists {len(channels)} input channels; UNetSegment "
                               "segments single-channel volumes.", "Import a single-channel (one modality) model.")
+    text = Checker(plans_source, MetadataError, nnunet_plans._REPAIR)
+    names = {key: text.string(key, plans.get(key) or "") for key in ("dataset_name", "plans_name")}
     members, first = [], None
     for fold, path in fold_files:
         payload = load_nnunet_checkpoint(path)
-        trainer = payload.get("trainer_name", "")
-        init_args = payload.get("init_args") if isinstance(payload.get("init_args"), dict) else {}
-        configuration = init_args.get("configuration") or folder.name.rsplit("__", 1)[-1]
-        signature = (trainer, configuration, tuple(payload.get("inference_allowed_mirroring_axes") or ()))
+        trainer, configuration, mirror_axes, epoch = _checkpoint_fields(payload, folder, path)
+        signature = (trainer, configuration, tuple(mirror_axes))
         if first is None:
             first = (fold, signature)
         elif signature != first[1]:
@@ -235,19 +283,16 @@ def build_members(folder, folds: Optional[Sequence[str]] = None, checkpoint: str
             raise CheckpointError(f"{path} is a '{configuration}' model; the importer supports "
                                   f"{' and '.join(nnunet_plans.CONFIGURATIONS)} (cascades need their first stage).",
                                   "Import the 3d_fullres or 2d results folder of the dataset.")
-        config = nnunet_plans.resolve_configuration(plans, configuration, str(folder / "plans.json"))
+        config = nnunet_plans.resolve_configuration(plans, configuration, plans_source)
         if config.get("previous_stage_name"):
             raise CheckpointError(f"{path} is a cascade stage ({configuration} after "
                                   f"{config['previous_stage_name']}).", "Import the 3d_fullres configuration.")
         spatial_dims = len(config["patch_size"])
-        kwargs = nnunet_plans.network_kwargs(config, spatial_dims, str(folder / "plans.json"))
-        recipe = nnunet_plans.recipe(plans, configuration, config, payload.get("inference_allowed_mirroring_axes"),
-                                     str(folder / "plans.json"))
-        arch = {key: value for key, value in kwargs.items()}
-        network = build_network("nnunet", spatial_dims, 1, len(pairs), **arch)
-        state = convert_weights(payload["network_weights"], network, kwargs["encoder"], str(path))
-        network.load_state_dict(state, strict=True)
-        network.eval()
+        kwargs = nnunet_plans.network_kwargs(config, spatial_dims, plans_source,
+                                             f"configurations.{configuration}.architecture")
+        recipe = nnunet_plans.recipe(plans, configuration, config, mirror_axes, plans_source)
+        network = _build_with_weights(kwargs, spatial_dims, len(pairs), payload["network_weights"], path,
+                                      plans_source)
         scheme = recipe["normalization_schemes"][0]
         properties = recipe["foreground_intensity_properties"].get("0", {})
         normalization = Normalization(scheme="ct", clip_low=properties.get("percentile_00_5"),
@@ -255,14 +300,14 @@ def build_members(folder, folds: Optional[Sequence[str]] = None, checkpoint: str
                                       std=properties.get("std")) if scheme == "CTNormalization" else Normalization()
         metadata = ModelMetadata(
             architecture="nnunet", architecture_kwargs=network.config["kwargs"], spatial_dims=spatial_dims,
-            in_channels=1, labels=_label_infos(pairs), patch_size=[int(p) for p in config["patch_size"]],
-            target_spacing=_target_spacing_xyz(plans, recipe), normalization=normalization,
+            in_channels=1, labels=_label_infos(pairs), patch_size=list(config["patch_size"]),
+            target_spacing=_target_spacing_xyz(plans, recipe, plans_source), normalization=normalization,
             modality=canonical_modality(channels[0]),
-            training={"source": "nnU-Net v2", "trainer": trainer, "plans": plans.get("plans_name"),
-                      "configuration": configuration, "dataset": plans.get("dataset_name"),
-                      "fold": int(fold) if fold.isdigit() else fold, "epochs": payload.get("current_epoch"),
+            training={"source": "nnU-Net v2", "trainer": trainer, "plans": names["plans_name"],
+                      "configuration": configuration, "dataset": names["dataset_name"],
+                      "fold": int(fold) if fold.isdigit() else fold, "epochs": epoch,
                       "checkpoint": path.name},
-            description=f"nnU-Net v2 {configuration} model of {plans.get('dataset_name')} ({trainer}, fold {fold}), "
+            description=f"nnU-Net v2 {configuration} model of {names['dataset_name']} ({trainer}, fold {fold}), "
                         "imported by UNetSegment.",
             preprocessing=recipe)
         metadata.validate(str(path))
@@ -276,10 +321,11 @@ def import_results_folder(folder, output, folds: Optional[Sequence[str]] = None,
     otherwise a folder of fold_N.pt. Nothing is written when any check fails."""
     from ..checkpoint import save_checkpoint
     from ..ensemble import save_ensemble
+    from ..publish import already_exists_error, exists_or_link, publish, publish_folder
 
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise InputError(f"{output} already exists; it was not overwritten.", "Pass --overwrite or another --output.")
+    if exists_or_link(output) and not overwrite:
+        raise already_exists_error(output)
     members = build_members(folder, folds, checkpoint, allow_trainers)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -288,13 +334,11 @@ def import_results_folder(folder, output, folds: Optional[Sequence[str]] = None,
                  for network, metadata, fold in members]
         if output.suffix == ".pt":
             if len(files) == 1:
-                os.replace(files[0], output)
+                publish(files[0], output, overwrite)
             else:
                 save_ensemble(files, output, overwrite=overwrite)
         else:
-            if output.exists():
-                shutil.rmtree(output) if output.is_dir() else output.unlink()
-            os.replace(staging, output)
+            publish_folder(staging, output, overwrite)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

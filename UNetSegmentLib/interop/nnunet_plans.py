@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, MetadataError
+from ..schema import MAX_CHANNELS, MAX_PATCH, Checker
 
 RECIPE_KIND = "nnunet"
 RECIPE_VERSION = 1
@@ -23,6 +24,14 @@ NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization", "NoNormalization", "
 RESAMPLING_FUNCTIONS = ("resample_data_or_seg_to_shape",)
 NETWORKS = {"PlainConvUNet": "plain", "ResidualEncoderUNet": "residual"}
 READERS = ("SimpleITKIO",)
+# Bounds far above any planned nnU-Net network (<= 8 stages, <= 512 features, kernels 1/3, strides 1/2): a plans
+# file beyond them is damaged or hostile, and is refused before a network is built from it.
+MAX_STAGES = 12
+MAX_FEATURES = 4096
+MAX_KERNEL = 15
+MAX_STRIDE = 16
+MAX_CONVS = 32
+_REPAIR = "Copy plans.json again from the nnU-Net results folder, as nnU-Net wrote it."
 # Trainers that build the plans' network unchanged (they differ in epochs, augmentation, loss or optimiser).
 TRAINER_PATTERN = re.compile(
     r"^nnUNetTrainer(_\d+epochs|_\d+epochs_NoMirroring|NoMirroring|_onlyMirror01|NoDeepSupervision|_DA5|DA5|"
@@ -31,6 +40,21 @@ TRAINER_PATTERN = re.compile(
 
 def _fail(source: str, problem: str, fix: str) -> None:
     raise CheckpointError(f"{source}: {problem}", fix)
+
+
+def _checker(source: str) -> Checker:
+    """Field errors name the file and the JSON path (`configurations.3d_fullres.patch_size[1]`)."""
+    return Checker(source, MetadataError, _REPAIR)
+
+
+def _optional_mapping(check: Checker, field: str, value: Any) -> dict:
+    return {} if value is None else check.mapping(field, value)
+
+
+def _integers(check: Checker, field: str, value: Any, length: Optional[int], low: int, high: int,
+              minimum: int = 0, maximum: Optional[int] = None) -> list[int]:
+    items = check.sequence(field, value, length=length, minimum=minimum, maximum=maximum)
+    return [check.integer(f"{field}[{index}]", item, low, high) for index, item in enumerate(items)]
 
 
 def is_results_folder(folder) -> bool:
@@ -63,23 +87,50 @@ def default_model_name(folder) -> str:
 
 
 def resolve_configuration(plans: dict, name: str, source: str = "plans.json") -> dict:
-    """The configuration dict with `inherits_from` applied (as nnU-Net's PlansManager)."""
+    """The configuration with `inherits_from` applied (as nnU-Net's PlansManager), every field the importer
+    reads checked for type and range; the architecture is checked by `network_kwargs`."""
+    check = _checker(source)
     configurations = plans.get("configurations")
     if not isinstance(configurations, dict) or name not in configurations:
-        available = ", ".join(sorted(configurations)) if isinstance(configurations, dict) else "none"
+        available = ", ".join(sorted(map(str, configurations))) if isinstance(configurations, dict) else "none"
         _fail(source, f"has no configuration '{name}' (it has: {available}).",
               "Point to the results folder of a 2d or 3d_fullres configuration.")
     seen = []
-    config = dict(configurations[name])
+    config = dict(check.mapping(f"configurations.{name}", configurations[name]))
     while "inherits_from" in config:
         parent = config.pop("inherits_from")
-        if parent in seen or parent not in configurations:
-            _fail(source, f"configuration '{name}' inherits from unknown or circular '{parent}'.",
-                  "Repair plans.json (copy it again from nnUNet_preprocessed).")
+        if not isinstance(parent, str) or parent in seen or parent not in configurations:
+            _fail(source, f"configuration '{name}' inherits from unknown or circular {parent!r}.", _REPAIR)
         seen.append(parent)
-        merged = dict(configurations[parent])
+        merged = dict(check.mapping(f"configurations.{parent}", configurations[parent]))
         merged.update(config)
         config = merged
+    where = f"configurations.{name}"
+    patch = _integers(check, f"{where}.patch_size", config.get("patch_size"), None, 1, MAX_PATCH, 2, 3)
+    spacing = check.sequence(f"{where}.spacing", config.get("spacing"), length=len(patch))
+    schemes = check.sequence(f"{where}.normalization_schemes", config.get("normalization_schemes"), minimum=1,
+                             maximum=MAX_CHANNELS)
+    masks = check.sequence(f"{where}.use_mask_for_norm", config.get("use_mask_for_norm"), length=len(schemes))
+    config.update(
+        patch_size=patch,
+        spacing=[check.number(f"{where}.spacing[{i}]", value, positive=True) for i, value in enumerate(spacing)],
+        normalization_schemes=[check.string(f"{where}.normalization_schemes[{i}]", value, NORMALIZATIONS)
+                               for i, value in enumerate(schemes)],
+        use_mask_for_norm=[check.boolean(f"{where}.use_mask_for_norm[{i}]", value) for i, value in enumerate(masks)])
+    for key in ("resampling_fn_data", "resampling_fn_probabilities"):
+        check.string(f"{where}.{key}", config.get(key), RESAMPLING_FUNCTIONS,
+                     fix="Import a model planned with nnU-Net's default resampling (resample_data_or_seg_to_shape).")
+        arguments = _optional_mapping(check, f"{where}.{key}_kwargs", config.get(f"{key}_kwargs"))
+        config[f"{key}_kwargs"] = {
+            "order": check.integer(f"{where}.{key}_kwargs.order", arguments.get("order", 3), 0, 5),
+            "order_z": check.integer(f"{where}.{key}_kwargs.order_z", arguments.get("order_z", 0), 0, 5),
+            "force_separate_z": None if arguments.get("force_separate_z") is None else
+            check.boolean(f"{where}.{key}_kwargs.force_separate_z", arguments["force_separate_z"]),
+            "separate_z_anisotropy_threshold": check.number(
+                f"{where}.{key}_kwargs.separate_z_anisotropy_threshold",
+                arguments.get("separate_z_anisotropy_threshold", 3.0), positive=True)}
+    if config.get("previous_stage_name") is not None:
+        check.string(f"{where}.previous_stage_name", config["previous_stage_name"])
     return config
 
 
@@ -106,17 +157,25 @@ def labels_from_dataset(dataset: dict, source: str = "dataset.json") -> list[tup
     return pairs
 
 
-def channel_names(dataset: dict) -> list[str]:
-    channels = dataset.get("channel_names") or dataset.get("modality") or {}
-    return [str(channels[key]) for key in sorted(channels, key=lambda k: int(k))] if isinstance(channels, dict) else []
+def channel_names(dataset: dict, source: str = "dataset.json") -> list[str]:
+    """Input channel names in channel order ("0", "1", ... keys; "modality" in older files)."""
+    key = "modality" if "modality" in dataset and "channel_names" not in dataset else "channel_names"
+    check = Checker(source, MetadataError, "Repair dataset.json in the results folder.")
+    channels = check.mapping(key, dataset.get(key))
+    for name, value in channels.items():
+        if not str(name).isdigit() or len(str(name)) > 3:
+            check.fail(f"{key}", 'an object keyed by channel number ("0", "1", ...)', name)
+        check.string(f"{key}.{name}", value, non_empty=True)
+    return [channels[name] for name in sorted(channels, key=int)]
 
 
 def _last_name(dotted: Any) -> str:
     return str(dotted).rsplit(".", 1)[-1] if dotted is not None else ""
 
 
-def network_kwargs(config: dict, spatial_dims: int, source: str = "plans.json") -> dict:
-    """The `nnunet` architecture's keyword arguments for this configuration; refuses what it cannot express."""
+def network_kwargs(config: dict, spatial_dims: int, source: str = "plans.json", where: str = "architecture") -> dict:
+    """The `nnunet` architecture's keyword arguments for this configuration; refuses what it cannot express
+    and, field by field, what no nnU-Net planner writes (so nothing is built from a damaged file)."""
     architecture = config.get("architecture")
     if not isinstance(architecture, dict):
         _fail(source, "configuration has no 'architecture' (plans from nnU-Net before v2.4 are not supported).",
@@ -125,47 +184,60 @@ def network_kwargs(config: dict, spatial_dims: int, source: str = "plans.json") 
     if class_name not in NETWORKS:
         _fail(source, f"network class '{architecture.get('network_class_name')}' is not supported.",
               f"Import a model of nnU-Net's default networks ({', '.join(NETWORKS)}).")
-    kwargs = architecture.get("arch_kwargs") or {}
+    check = _checker(source)
+    field = f"{where}.arch_kwargs"
+    kwargs = _optional_mapping(check, field, architecture.get("arch_kwargs"))
+    norm_kwargs = _optional_mapping(check, f"{field}.norm_op_kwargs", kwargs.get("norm_op_kwargs"))
+    nonlin_kwargs = _optional_mapping(check, f"{field}.nonlin_kwargs", kwargs.get("nonlin_kwargs"))
     expected_conv = f"Conv{spatial_dims}d"
     checks = [
         (_last_name(kwargs.get("conv_op")) == expected_conv, f"conv_op {kwargs.get('conv_op')}"),
         (_last_name(kwargs.get("norm_op")) in (f"InstanceNorm{spatial_dims}d", f"BatchNorm{spatial_dims}d"),
          f"norm_op {kwargs.get('norm_op')}"),
-        (abs(float((kwargs.get("norm_op_kwargs") or {}).get("eps", 1e-5)) - 1e-5) < 1e-12
-         and (kwargs.get("norm_op_kwargs") or {}).get("affine", True) is True, "norm_op_kwargs"),
+        (norm_kwargs.get("eps", 1e-5) == 1e-5 and norm_kwargs.get("affine", True) is True, "norm_op_kwargs"),
         (kwargs.get("dropout_op") is None, f"dropout_op {kwargs.get('dropout_op')}"),
         (_last_name(kwargs.get("nonlin")) in ("LeakyReLU", "ReLU"), f"nonlin {kwargs.get('nonlin')}"),
-        (float((kwargs.get("nonlin_kwargs") or {}).get("negative_slope", 0.01)) == 0.01, "nonlin_kwargs"),
-        (not kwargs.get("nonlin_first", False), "nonlin_first"),
+        (nonlin_kwargs.get("negative_slope", 0.01) == 0.01, "nonlin_kwargs"),
+        (kwargs.get("nonlin_first", False) is False, "nonlin_first"),
         (kwargs.get("block") in (None, "BasicBlockD") or _last_name(kwargs.get("block")) == "BasicBlockD",
          f"block {kwargs.get('block')}"),
         (kwargs.get("bottleneck_channels") is None, "bottleneck_channels"),
-        (kwargs.get("stem_channels") in (None, (kwargs.get("features_per_stage") or [None])[0]), "stem_channels"),
-        (not kwargs.get("squeeze_excitation", False) and not kwargs.get("stochastic_depth_p", 0.0), "block options"),
+        (kwargs.get("squeeze_excitation", False) is False and not kwargs.get("stochastic_depth_p", 0.0),
+         "block options"),
     ]
     bad = [what for ok, what in checks if not ok]
     if bad:
         _fail(source, f"{class_name} uses settings the importer cannot reproduce ({', '.join(bad)}).",
               "Import a model with nnU-Net's default network settings.")
     per_stage = "n_blocks_per_stage" if class_name == "ResidualEncoderUNet" else "n_conv_per_stage"
-    try:
-        stages = int(kwargs["n_stages"])
-        result = {
-            "features_per_stage": [int(f) for f in kwargs["features_per_stage"]],
-            "kernel_sizes": [[int(k) for k in ks] for ks in kwargs["kernel_sizes"]],
-            "strides": [[int(s) for s in ss] for ss in kwargs["strides"]],
-            "n_conv_per_stage": [int(n) for n in kwargs[per_stage]],
-            "n_conv_per_stage_decoder": [int(n) for n in kwargs["n_conv_per_stage_decoder"]],
-        }
-    except (KeyError, TypeError, ValueError) as error:
-        _fail(source, f"architecture arguments are incomplete ({error}).", "Repair plans.json.")
-    if any(len(v) != stages for k, v in result.items() if k != "n_conv_per_stage_decoder") or \
-            len(result["n_conv_per_stage_decoder"]) != stages - 1:
-        _fail(source, f"architecture lists do not all have {stages} stages.", "Repair plans.json.")
-    result.update(features=result["features_per_stage"][0], levels=stages,
+    stages = check.integer(f"{field}.n_stages", kwargs.get("n_stages"), 1, MAX_STAGES)
+    features = _integers(check, f"{field}.features_per_stage", kwargs.get("features_per_stage"), stages, 1,
+                         MAX_FEATURES)
+
+    def per_axis(name: str, high: int, odd: bool) -> list[list[int]]:
+        rows = check.sequence(f"{field}.{name}", kwargs.get(name), length=stages)
+        values = [_integers(check, f"{field}.{name}[{i}]", row, spatial_dims, 1, high) for i, row in enumerate(rows)]
+        for i, row in enumerate(values):
+            if odd and any(value % 2 == 0 for value in row):
+                check.fail(f"{field}.{name}[{i}]", "odd integers (nnU-Net pads a kernel symmetrically)", row)
+        return values
+
+    result = {
+        "features_per_stage": features,
+        "kernel_sizes": per_axis("kernel_sizes", MAX_KERNEL, odd=True),
+        "strides": per_axis("strides", MAX_STRIDE, odd=False),
+        "n_conv_per_stage": _integers(check, f"{field}.{per_stage}", kwargs.get(per_stage), stages, 1, MAX_CONVS),
+        "n_conv_per_stage_decoder": _integers(check, f"{field}.n_conv_per_stage_decoder",
+                                              kwargs.get("n_conv_per_stage_decoder"), stages - 1, 1, MAX_CONVS),
+    }
+    if kwargs.get("stem_channels") not in (None, features[0]):
+        _fail(source, f"{class_name} uses settings the importer cannot reproduce (stem_channels).",
+              "Import a model with nnU-Net's default network settings.")
+    result.update(features=features[0], levels=stages,
                   norm="batch" if _last_name(kwargs.get("norm_op")).startswith("BatchNorm") else "instance",
                   act="leaky_relu" if _last_name(kwargs.get("nonlin")) == "LeakyReLU" else "relu",
-                  encoder=NETWORKS[class_name], conv_bias=bool(kwargs.get("conv_bias", False)))
+                  encoder=NETWORKS[class_name],
+                  conv_bias=check.boolean(f"{field}.conv_bias", kwargs.get("conv_bias", False)))
     return result
 
 
@@ -177,39 +249,48 @@ def check_trainer(name: str, allowed: tuple = (), source: str = "checkpoint") ->
 
 
 def recipe(plans: dict, configuration: str, config: dict, mirror_axes, source: str = "plans.json") -> dict:
-    """The replay record for ModelMetadata.preprocessing."""
+    """The replay record for ModelMetadata.preprocessing, from a `resolve_configuration` result and the
+    plans' top-level fields (checked here); `mirror_axes` comes from the checkpoint."""
+    check = _checker(source)
     reader = plans.get("image_reader_writer", "SimpleITKIO")
     if reader not in READERS:
-        _fail(source, f"was planned with image reader '{reader}'; only SimpleITKIO models are supported (others "
+        _fail(source, f"was planned with image reader {reader!r}; only SimpleITKIO models are supported (others "
               "order the array axes differently).", "Import a model planned with nnU-Net's default reader.")
-    for key in ("resampling_fn_data", "resampling_fn_probabilities"):
-        if config.get(key) not in RESAMPLING_FUNCTIONS:
-            _fail(source, f"uses {key} '{config.get(key)}', which is not supported.",
-                  "Import a model planned with nnU-Net's default resampling (resample_data_or_seg_to_shape).")
-
-    def resampling(kwargs: Any) -> dict:
-        kwargs = kwargs or {}
-        return {"order": int(kwargs.get("order", 3)), "order_z": int(kwargs.get("order_z", 0)),
-                "force_separate_z": kwargs.get("force_separate_z"),
-                "separate_z_anisotropy_threshold": float(kwargs.get("separate_z_anisotropy_threshold", 3.0))}
-
-    properties = plans.get("foreground_intensity_properties_per_channel") or {}
+    properties = _optional_mapping(check, "foreground_intensity_properties_per_channel",
+                                   plans.get("foreground_intensity_properties_per_channel"))
+    intensities = {}
+    for channel, values in properties.items():
+        field = f"foreground_intensity_properties_per_channel.{channel}"
+        values = check.mapping(field, values)
+        intensities[str(channel)] = {key: check.number(f"{field}.{key}", values[key])
+                                     for key in ("mean", "std", "percentile_00_5", "percentile_99_5") if key in values}
+    dims = len(config["patch_size"])
     record = {
         "kind": RECIPE_KIND, "version": RECIPE_VERSION, "configuration": configuration,
-        "transpose_forward": [int(a) for a in plans.get("transpose_forward", [0, 1, 2])],
-        "transpose_backward": [int(a) for a in plans.get("transpose_backward", [0, 1, 2])],
-        "spacing": [float(s) for s in config["spacing"]],
-        "normalization_schemes": [str(s) for s in config["normalization_schemes"]],
-        "use_mask_for_norm": [bool(u) for u in config["use_mask_for_norm"]],
-        "foreground_intensity_properties": {
-            str(channel): {key: float(values[key]) for key in ("mean", "std", "percentile_00_5", "percentile_99_5")
-                           if key in values} for channel, values in properties.items()},
-        "resampling_data": resampling(config.get("resampling_fn_data_kwargs")),
-        "resampling_probabilities": resampling(config.get("resampling_fn_probabilities_kwargs")),
-        "mirror_axes": [int(a) for a in (mirror_axes or [])],
+        "transpose_forward": _integers(check, "transpose_forward", plans.get("transpose_forward", [0, 1, 2]), 3, 0, 2),
+        "transpose_backward": _integers(check, "transpose_backward", plans.get("transpose_backward", [0, 1, 2]), 3, 0,
+                                        2),
+        "spacing": list(config["spacing"]),
+        "normalization_schemes": list(config["normalization_schemes"]),
+        "use_mask_for_norm": list(config["use_mask_for_norm"]),
+        "foreground_intensity_properties": intensities,
+        "resampling_data": dict(config["resampling_fn_data_kwargs"]),
+        "resampling_probabilities": dict(config["resampling_fn_probabilities_kwargs"]),
+        "mirror_axes": _integers(Checker(f"{source} (the checkpoint's inference_allowed_mirroring_axes)",
+                                         MetadataError, "Copy the fold's checkpoint again as nnU-Net wrote it."),
+                                 "inference_allowed_mirroring_axes", list(mirror_axes or []), None, 0, dims - 1,
+                                 maximum=dims),
         "tile_step_size": 0.5,
     }
     return validate_recipe(record, lambda problem, fix: _fail(source, problem, fix))
+
+
+def median_spacing(plans: dict, source: str = "plans.json") -> list[float]:
+    """The dataset's median spacing (array order): the out-of-plane spacing of a 2d configuration."""
+    check = _checker(source)
+    values = check.sequence("original_median_spacing_after_transp",
+                            plans.get("original_median_spacing_after_transp", [1.0, 1.0, 1.0]), length=3)
+    return [check.number(f"original_median_spacing_after_transp[{i}]", v, positive=True) for i, v in enumerate(values)]
 
 
 def validate_recipe(record: Any, fail: Callable[[str, str], None]) -> dict:
