@@ -2,11 +2,12 @@
 
     bash .ci/with-venv python bench/train_hippocampus.py --fold 0 --threads 2
 
-The recipe: 50 epochs x 150 iterations x batch 2 (7500 iterations), both cores; fold 0 took 37 min on
-the idle 2-core CPU of 2026-11-27 (0.30 s per iteration). 2-core machines differ: an earlier one took
-0.72-0.88 s per iteration, where the 5300 s budget ends the poly schedule early (6000-7400 iterations; the
-fold's card records the count). Earlier shipped folds used 4500 and 3000 iterations; the model card
-lists each fold's own command.
+The recipe: 100 epochs x 150 iterations x batch 2 (15000 iterations), both cores; fold 0 took 76 min on
+the 2-core CPU of 2026-11-28 (0.28-0.30 s per iteration idle; other work ran beside it part of the
+time). 2-core machines differ: an earlier one took 0.72-0.88 s per iteration, where the 5300 s budget
+ends the poly schedule early (~6000-7400 iterations, annealed to zero at the budget; the fold's card
+records the count). Earlier shipped folds used 7500, 4500 and 3000 iterations; the model card lists
+each fold's own command.
 
 Data: ../shared/data/Task04_Hippocampus (Medical Segmentation Decathlon Task04, 200 T1 MRI cases,
 CC-BY-SA 4.0). HOLDOUT_CASES never enter any fold: one is the shipped demo sample, the others are
@@ -220,7 +221,7 @@ def config_for(fold: int, output: str, epochs: int, iterations: int, budget_s: f
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=150)
     parser.add_argument("--budget-s", type=float, default=5300.0,
                         help="safety stop for the training loop (s); the seeded recipe ends at its iteration "
