@@ -203,18 +203,16 @@ def test_a_plans_file_describing_a_bigger_network_than_its_weights_allocates_not
     for real (peak 1.9 GB)."""
     folder = _folder(tmp_path, plans=_set(_plans(), f"{ARCH}.features_per_stage", [4, 8, 4000]))
     if not Path("/proc/self/status").exists():
-        pytest.skip("peak memory is read from /proc/self/status (Linux)")
-    # VmHWM, not ru_maxrss: getrusage keeps the parent's peak across fork + exec (a long pytest run's
-    # 1.5 GB showed up as the child's), while VmHWM belongs to the child's own address space.
+        pytest.skip("the process's own peak memory is read from /proc/self/status (Linux)")
     script = textwrap.dedent(f"""
         from UNetSegmentLib.errors import CheckpointError
+        from UNetSegmentLib.memory import own_peak_rss_mb
         from UNetSegmentLib.interop.nnunet_import import import_results_folder
         try:
             import_results_folder({str(folder)!r}, {str(tmp_path / 'model.pt')!r})
         except CheckpointError as error:
             print("refused:", error.problem)
-        peak_kb = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
-        print("peak_mb", int(peak_kb) // 1024)
+        print("peak_mb", int(own_peak_rss_mb()))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -266,3 +264,17 @@ def test_an_empty_folder_that_appears_is_kept_too(tmp_path, monkeypatch):
         import_results_folder(folder, tmp_path / "fold_models")
     assert list((tmp_path / "fold_models").iterdir()) == []
 
+
+
+def test_own_peak_memory_is_the_childs_not_the_parents():
+    """The measurement the test above relies on: a child started by a process holding 600 MB reports
+    its own peak (getrusage's ru_maxrss reported the parent's)."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("the process's own peak memory is read from /proc/self/status (Linux)")
+    ballast = bytearray(600 * 2 ** 20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page
+    result = subprocess.run([sys.executable, "-c", "from UNetSegmentLib.memory import own_peak_rss_mb; "
+                             "print(own_peak_rss_mb())"], capture_output=True, text=True, timeout=120)
+    del ballast
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 1 < float(result.stdout) < 300

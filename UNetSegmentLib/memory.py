@@ -38,6 +38,20 @@ def available_bytes() -> Optional[int]:
         return None
 
 
+def own_peak_rss_mb() -> Optional[float]:
+    """This process's peak resident memory in MB. Linux VmHWM belongs to the process's own address space;
+    getrusage's ru_maxrss is not used because Linux carries the parent's peak into a child at fork + exec
+    (a child of a 1.5 GB pytest run reports 1.5 GB). None where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def set_limit_mb(limit_mb: Optional[float]) -> None:
     """Process-wide budget in MB (the front end's flag); `inf` switches the guard off, None restores the default."""
     global _limit_mb

@@ -5,7 +5,7 @@
 
 The volume is the synthetic CT phantom (UNetSegmentLib.phantom) resampled onto a 512x512x300 int16
 grid at 0.8 x 0.8 x 1.5 mm and written as uncompressed NRRD (~150 MB). Each row runs in its own
-process (so its peak RSS, ru_maxrss, is its own): read -> reorient -> resample to the model's
+process (so its peak RSS, VmHWM, is its own; ru_maxrss would carry the parent's peak over): read -> reorient -> resample to the model's
 spacing -> normalise -> inference -> class scores back onto the input grid -> argmax -> write.
 The OpenVINO row runs with the model already converted in the cache (the conversion is timed once,
 separately, and reported); both rows use the shipped CT model and the same thread count.
@@ -78,7 +78,9 @@ def run_row(args) -> int:
     del image
     write_image(result.labelmap, args.output, overwrite=True, compress=False)
     seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from UNetSegmentLib.memory import own_peak_rss_mb
+
+    peak_mb = own_peak_rss_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stats = result.stats
     print(json.dumps({"row": args.row, "seconds": seconds, "peak_rss_mb": peak_mb,
                       "backend": stats.get("backend"), "cache": stats.get("runtime_cache"),
