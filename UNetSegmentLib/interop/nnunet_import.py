@@ -240,11 +240,11 @@ def _build_with_weights(kwargs: dict, spatial_dims: int, classes: int, weights: 
     except (ValueError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"{plans_source}: the network it describes cannot be built "
                               f"({str(error).splitlines()[0] if str(error) else type(error).__name__}).",
-                              nnunet_plans._REPAIR) from None
-    encoder = kwargs["encoder"]
-    convert_weights(weights, skeleton, encoder, str(path))  # refuses any name or shape the plans do not have
+                              nnunet_plans.PLANS_FIX) from None
+    # refuses any name or shape the plans do not have; the converted tensors then load into the real network
+    state = convert_weights(weights, skeleton, kwargs["encoder"], str(path))
     network = build()
-    network.load_state_dict(convert_weights(weights, network, encoder, str(path)), strict=True)
+    network.load_state_dict(state, strict=True)
     return network.eval()
 
 
@@ -264,7 +264,7 @@ def build_members(folder, folds: Optional[Sequence[str]] = None, checkpoint: str
     if len(channels) != 1:
         raise CheckpointError(f"{dataset_source} lists {len(channels)} input channels; UNetSegment "
                               "segments single-channel volumes.", "Import a single-channel (one modality) model.")
-    text = Checker(plans_source, MetadataError, nnunet_plans._REPAIR)
+    text = Checker(plans_source, MetadataError, nnunet_plans.PLANS_FIX)
     names = {key: text.string(key, plans.get(key) or "") for key in ("dataset_name", "plans_name")}
     members, first = [], None
     for fold, path in fold_files:

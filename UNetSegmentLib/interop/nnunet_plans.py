@@ -31,7 +31,7 @@ MAX_FEATURES = 4096
 MAX_KERNEL = 15
 MAX_STRIDE = 16
 MAX_CONVS = 32
-_REPAIR = "Copy plans.json again from the nnU-Net results folder, as nnU-Net wrote it."
+PLANS_FIX = "Copy plans.json again from the nnU-Net results folder, as nnU-Net wrote it."
 # Trainers that build the plans' network unchanged (they differ in epochs, augmentation, loss or optimiser).
 TRAINER_PATTERN = re.compile(
     r"^nnUNetTrainer(_\d+epochs|_\d+epochs_NoMirroring|NoMirroring|_onlyMirror01|NoDeepSupervision|_DA5|DA5|"
@@ -44,7 +44,7 @@ def _fail(source: str, problem: str, fix: str) -> None:
 
 def _checker(source: str) -> Checker:
     """Field errors name the file and the JSON path (`configurations.3d_fullres.patch_size[1]`)."""
-    return Checker(source, MetadataError, _REPAIR)
+    return Checker(source, MetadataError, PLANS_FIX)
 
 
 def _optional_mapping(check: Checker, field: str, value: Any) -> dict:
@@ -100,7 +100,7 @@ def resolve_configuration(plans: dict, name: str, source: str = "plans.json") ->
     while "inherits_from" in config:
         parent = config.pop("inherits_from")
         if not isinstance(parent, str) or parent in seen or parent not in configurations:
-            _fail(source, f"configuration '{name}' inherits from unknown or circular {parent!r}.", _REPAIR)
+            _fail(source, f"configuration '{name}' inherits from unknown or circular {parent!r}.", PLANS_FIX)
         seen.append(parent)
         merged = dict(check.mapping(f"configurations.{parent}", configurations[parent]))
         merged.update(config)
