@@ -278,3 +278,20 @@ def test_own_peak_memory_is_the_childs_not_the_parents():
     del ballast
     assert result.returncode == 0, result.stderr[-2000:]
     assert 1 < float(result.stdout) < 300
+
+
+def test_folder_publish_without_rename_noreplace_keeps_the_promise(tmp_path, monkeypatch):
+    """Systems without renameat2(RENAME_NOREPLACE): an exclusive mkdir claims the name, then the rename."""
+    from UNetSegmentLib import publish
+
+    monkeypatch.setattr(publish, "_renameat2", None)
+    for name in ("new", "raced"):
+        staging = tmp_path / f".staging_{name}"
+        staging.mkdir()
+        (staging / "fold_0.pt").write_text("model")
+    assert publish.publish_folder(tmp_path / ".staging_new", tmp_path / "new") == tmp_path / "new"
+    assert (tmp_path / "new" / "fold_0.pt").read_text() == "model"
+    (tmp_path / "raced").mkdir()  # an empty folder appeared: a bare rename() would replace it
+    with pytest.raises(InputError, match="already exists"):
+        publish.publish_folder(tmp_path / ".staging_raced", tmp_path / "raced")
+    assert list((tmp_path / "raced").iterdir()) == []
